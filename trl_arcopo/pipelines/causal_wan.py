@@ -1,0 +1,561 @@
+"""``CausalWanPipeline``: chunk-wise, KV-cached generation with Self-Forcing-style few-step samplers on Wan2.1."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers.loaders import WanLoraLoaderMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
+
+from ..models.kv_cache import (
+    CrossAttentionCache,
+    KVCache,
+    block_causal_mask,
+    enable_causal_attention,
+    tokens_per_frame,
+)
+from ..models.self_forcing import SELF_FORCING_FILENAME, SELF_FORCING_REPO_ID, load_self_forcing_transformer
+from .sampler import few_step_schedule, predict_x0, renoise
+
+__all__ = ["CausalGenerationState", "CausalWanPipeline", "CausalWanPipelineOutput", "ChunkTrajectory"]
+
+WAN_BASE_REPO_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+@dataclass
+class ChunkTrajectory:
+    """What one chunk's few-step denoising did, for every batch row.
+
+    Attributes:
+        chunk_index: index of the chunk in the video.
+        frame_start: absolute index of its first latent frame.
+        timesteps / sigmas: ``[T]`` float32, the schedule of the steps.
+        inputs: ``[T, B, C, f, H, W]`` the input ``x_{t_s}`` of every step (``inputs[0]`` is the chunk's noise).
+        predictions: ``[T, B, C, f, H, W]`` the x̂0 prediction of every step (``predictions[-1]`` is the chunk).
+        noise: ``[T-1, B, C, f, H, W]`` the re-noise draws ``η_s`` that turned ``predictions[s]`` into ``inputs[s+1]``.
+    """
+
+    chunk_index: int
+    frame_start: int
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    inputs: torch.Tensor
+    predictions: torch.Tensor
+    noise: torch.Tensor
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """The chunk's clean latents ``[B, C, f, H, W]`` (the last step's x̂0)."""
+        return self.predictions[-1]
+
+
+@dataclass
+class CausalGenerationState:
+    """Everything a partially generated batch of videos needs to continue: the streaming API's unit of work.
+
+    Attributes:
+        prompt_embeds: ``[B, text_tokens, text_dim]`` text-encoder outputs, one row per video.
+        cache: self-attention KV cache of the committed chunks (shared, immutable segments).
+        cross_cache: per-block text keys/values, reused by no-grad passes (None: recompute every pass).
+        frame_offset: absolute latent frame where the next chunk starts.
+        chunks: committed clean chunk latents, each ``[B, C, f, H, W]``.
+    """
+
+    prompt_embeds: torch.Tensor
+    cache: KVCache
+    cross_cache: CrossAttentionCache | None = None
+    frame_offset: int = 0
+    chunks: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """The committed latent video ``[B, C, F, H, W]``."""
+        return torch.cat(self.chunks, dim=2)
+
+
+@dataclass
+class CausalWanPipelineOutput(BaseOutput):
+    """Output of :class:`CausalWanPipeline`.
+
+    Attributes:
+        frames: decoded video ``[B, num_frames, H, W, 3]`` (np), ``[B, num_frames, 3, H, W]`` (pt), lists of PIL images
+            (pil), or the latents ``[B, C, F, H, W]`` for ``output_type="latent"``.
+        trajectory: with ``return_trajectory=True``, one :class:`ChunkTrajectory` per chunk.
+    """
+
+    frames: object
+    trajectory: list[ChunkTrajectory] | None = None
+
+
+def _collapse_whitespace(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
+    r"""Chunk-wise autoregressive text-to-video generation (Self-Forcing, CausVid, LongLive, ...) on a stock
+    ``WanTransformer3DModel`` with a KV cache.
+
+    The latent video ``[B, C, F, H, W]`` is generated ``num_frame_per_block`` latent frames at a time. Each chunk runs
+    the few-step sampler (``denoising_step_list``) attending to the cached keys/values of the previous chunks, then a
+    clean context pass at ``context_noise`` writes its own keys/values to the cache. The streaming primitives
+    (:meth:`init_state`, :meth:`denoise_chunk`, :meth:`commit_chunk`, :meth:`fork`, :meth:`decode`) expose the same
+    loop to trainers, which fork a prefix into several branches that share its cache.
+
+    Args:
+        tokenizer, text_encoder: the umT5 tokenizer and encoder (optional when ``prompt_embeds`` are passed).
+        vae: ``AutoencoderKLWan`` (optional for ``output_type="latent"``).
+        transformer: the causal generator as a stock ``WanTransformer3DModel``.
+        scheduler: kept only as a config holder; the sampler uses the explicit schedule below.
+        num_frame_per_block: latent frames per chunk.
+        denoising_step_list, warp_denoising_step, timestep_shift: the few-step schedule (see
+            :func:`~trl_arcopo.pipelines.sampler.few_step_schedule`).
+        context_noise: timestep of the cache-refresh pass (0: clean).
+        local_attn_size: attention window in latent frames including the current chunk (-1: global attention).
+        sink_size: first latent frames never evicted from a windowed cache.
+        max_sequence_length: text tokens per prompt.
+
+    Examples:
+        ```py
+        >>> import torch
+        >>> from trl_arcopo import CausalWanPipeline
+
+        >>> pipe = CausalWanPipeline.from_self_forcing(dtype=torch.bfloat16).to("cuda")
+        >>> video = pipe("A corgi surfing a wave at sunset", num_frames=81).frames[0]
+        ```
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["tokenizer", "text_encoder", "vae", "scheduler"]
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None,
+        text_encoder: UMT5EncoderModel | None,
+        vae: AutoencoderKLWan | None,
+        transformer: WanTransformer3DModel,
+        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        num_frame_per_block: int = 3,
+        denoising_step_list: Sequence[float] = (1000, 750, 500, 250),
+        warp_denoising_step: bool = True,
+        timestep_shift: float = 5.0,
+        context_noise: float = 0,
+        local_attn_size: int = -1,
+        sink_size: int = 0,
+        max_sequence_length: int = 512,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+        )
+        self.register_to_config(
+            num_frame_per_block=num_frame_per_block,
+            denoising_step_list=[float(s) for s in denoising_step_list],
+            warp_denoising_step=warp_denoising_step,
+            timestep_shift=timestep_shift,
+            context_noise=context_noise,
+            local_attn_size=local_attn_size,
+            sink_size=sink_size,
+            max_sequence_length=max_sequence_length,
+        )
+        self._check_sampler_config()
+        self.timesteps, self.sigmas = few_step_schedule(
+            denoising_step_list, warp=warp_denoising_step, shift=timestep_shift
+        )
+        self.vae_scale_factor_temporal = vae.config.scale_factor_temporal if vae is not None else 4
+        self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+        self.runtime = enable_causal_attention(transformer)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_self_forcing(
+        cls,
+        checkpoint: str | os.PathLike = SELF_FORCING_REPO_ID,
+        base: str | os.PathLike = WAN_BASE_REPO_ID,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        use_ema: bool = True,
+        filename: str = SELF_FORCING_FILENAME,
+        transformer_config: dict | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        **kwargs,
+    ) -> CausalWanPipeline:
+        """Build the real Self-Forcing pipeline: converted causal weights + tokenizer, umT5 and VAE of Wan2.1.
+
+        Args:
+            checkpoint: Hub repo id or local file of the original generator checkpoint.
+            base: Hub repo id or local folder of a diffusers Wan2.1 T2V pipeline (its transformer is not loaded; its
+                ``transformer/config.json`` gives the architecture unless ``transformer_config`` is passed).
+            dtype: dtype of the components (fp32-sensitive transformer modules stay float32).
+            kwargs: pipeline config overrides (``local_attn_size=12, sink_size=3`` ...) and ``from_pretrained``
+                options (``revision``, ``variant`` ...).
+        """
+        if transformer_config is None:
+            base_config = WanTransformer3DModel.load_config(
+                base, subfolder="transformer", cache_dir=cache_dir, token=token
+            )
+            transformer_config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+        transformer = load_self_forcing_transformer(
+            checkpoint,
+            config=transformer_config,
+            use_ema=use_ema,
+            dtype=dtype,
+            filename=filename,
+            cache_dir=cache_dir,
+            token=token,
+        )
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=kwargs.get("timestep_shift", 5.0))
+        return cls.from_pretrained(
+            base, transformer=transformer, scheduler=scheduler, dtype=dtype, cache_dir=cache_dir, token=token, **kwargs
+        )
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_sampler_config(self) -> None:
+        cfg = self.config
+        chunk, window, sink = cfg.num_frame_per_block, cfg.local_attn_size, cfg.sink_size
+        if chunk < 1:
+            raise ValueError(f"`num_frame_per_block` must be >= 1, got {chunk}.")
+        if not cfg.denoising_step_list:
+            raise ValueError("`denoising_step_list` must name at least one step, e.g. [1000, 750, 500, 250].")
+        if sink < 0:
+            raise ValueError(f"`sink_size` must be >= 0, got {sink}.")
+        if window != -1:
+            if window < chunk:
+                raise ValueError(
+                    f"`local_attn_size`={window} is smaller than a chunk (`num_frame_per_block`={chunk}); use -1 for "
+                    f"global attention or a window of at least {chunk + sink} latent frames."
+                )
+            if sink >= window:
+                raise ValueError(f"`sink_size`={sink} must be smaller than `local_attn_size`={window}.")
+            if window - sink < chunk:
+                raise ValueError(
+                    f"`local_attn_size`={window} minus `sink_size`={sink} leaves fewer frames than one chunk "
+                    f"({chunk}); raise `local_attn_size` to at least {chunk + sink}."
+                )
+        elif sink:
+            raise ValueError(f"`sink_size`={sink} needs a window: set `local_attn_size` (e.g. 12) or sink_size=0.")
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        num_frames: int,
+        height: int,
+        width: int,
+        latents: torch.Tensor | None,
+        output_type: str,
+    ) -> None:
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("Pass exactly one of `prompt` or `prompt_embeds` (got both or neither).")
+        if prompt is not None and not (isinstance(prompt, str) or all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
+        if prompt is not None and (self.tokenizer is None or self.text_encoder is None):
+            raise ValueError("`prompt` needs a tokenizer and a text encoder; this pipeline has none: pass `prompt_embeds`.")
+        if prompt_embeds is not None and prompt_embeds.ndim != 3:
+            raise ValueError(f"`prompt_embeds` must be [batch, tokens, dim], got shape {tuple(prompt_embeds.shape)}.")
+        if output_type not in ("np", "pt", "pil", "latent"):
+            raise ValueError(f"`output_type` must be one of 'np', 'pt', 'pil', 'latent', got {output_type!r}.")
+        if output_type != "latent" and self.vae is None:
+            raise ValueError("Decoding needs a VAE; this pipeline has none: use `output_type='latent'`.")
+        batch = len([prompt] if isinstance(prompt, str) else prompt) if prompt is not None else prompt_embeds.shape[0]
+        chunk = self.config.num_frame_per_block
+        patch_h, patch_w = self.transformer.config.patch_size[1:]
+        if latents is not None:
+            if latents.ndim != 5 or latents.shape[1] != self.transformer.config.in_channels:
+                raise ValueError(
+                    f"`latents` must be [batch, {self.transformer.config.in_channels}, frames, height, width] "
+                    f"(channel-major latent noise), got shape {tuple(latents.shape)}."
+                )
+            if latents.shape[0] != batch:
+                raise ValueError(
+                    f"`latents` has batch {latents.shape[0]} but there are {batch} prompts; pass one noise row per "
+                    "prompt."
+                )
+            if latents.shape[2] % chunk:
+                raise ValueError(
+                    f"`latents` has {latents.shape[2]} latent frames, not a multiple of the chunk size "
+                    f"`num_frame_per_block`={chunk}."
+                )
+            if latents.shape[3] % patch_h or latents.shape[4] % patch_w:
+                raise ValueError(
+                    f"`latents` height/width {tuple(latents.shape[3:])} must be multiples of the patch size "
+                    f"{(patch_h, patch_w)}."
+                )
+            return
+        t_scale = self.vae_scale_factor_temporal
+        if num_frames < 1 or (num_frames - 1) % t_scale or ((num_frames - 1) // t_scale + 1) % chunk:
+            step = t_scale * chunk
+            first = t_scale * (chunk - 1) + 1
+            raise ValueError(
+                f"`num_frames`={num_frames} does not split into whole chunks of {chunk} latent frames: use "
+                f"{first} + {step}·(chunks - 1) frames, e.g. {first}, {first + step}, {first + 2 * step} or "
+                f"{first + 6 * step}."
+            )
+        multiple = self.vae_scale_factor_spatial * max(patch_h, patch_w)
+        if height % multiple or width % multiple:
+            raise ValueError(f"`height` and `width` must be multiples of {multiple}, got {height}x{width}.")
+
+    # ------------------------------------------------------------------ text
+
+    @torch.no_grad()
+    def encode_prompt(
+        self, prompt: str | list[str], *, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """umT5 embeddings ``[B, max_sequence_length, text_dim]``; positions past each prompt's length are zero."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        max_length = self.config.max_sequence_length
+        inputs = self.tokenizer(
+            [_collapse_whitespace(p) for p in prompts],
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        encoder_device = next(self.text_encoder.parameters()).device
+        mask = inputs.attention_mask.to(encoder_device)
+        embeds = self.text_encoder(inputs.input_ids.to(encoder_device), mask).last_hidden_state
+        embeds = embeds * mask.unsqueeze(-1).to(embeds.dtype)
+        return embeds.to(device=device or self._execution_device, dtype=dtype or self.transformer.dtype)
+
+    # ------------------------------------------------------------------ streaming API
+
+    def init_state(self, prompt_embeds: torch.Tensor, *, cache_cross_attention: bool = True) -> CausalGenerationState:
+        """A fresh state (empty cache, frame 0) for the videos of ``prompt_embeds`` ``[B, text_tokens, text_dim]``."""
+        return CausalGenerationState(
+            prompt_embeds=prompt_embeds.to(self.transformer.dtype),
+            cache=KVCache(local_attn_size=self.config.local_attn_size, sink_size=self.config.sink_size),
+            cross_cache=CrossAttentionCache() if cache_cross_attention else None,
+        )
+
+    def _transformer(self, x: torch.Tensor, timestep: float, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        t = torch.full((x.shape[0],), float(timestep), device=x.device, dtype=torch.float32)
+        flow = self.transformer(
+            hidden_states=x.to(self.transformer.dtype), timestep=t, encoder_hidden_states=prompt_embeds,
+            return_dict=False,
+        )[0]
+        return flow.to(x.dtype)
+
+    def predict_x0(self, state: CausalGenerationState, x_t: torch.Tensor, step: int) -> torch.Tensor:
+        """x̂0 of sampler step ``step`` for the next chunk's input ``x_t`` ``[B, C, f, H, W]`` given the state's cache.
+
+        Differentiable with respect to the transformer's trainable weights when grad is enabled (the cache is
+        detached; the cross-attention cache is only used without grad).
+        """
+        frames = x_t.shape[2]
+        cache = state.cache.window(state.frame_offset, frames)
+        with self.runtime.cached(cache, state.frame_offset, cross_cache=state.cross_cache):
+            flow = self._transformer(x_t, self.timesteps[step], state.prompt_embeds)
+        return predict_x0(x_t, flow, self.sigmas[step])
+
+    @torch.no_grad()
+    def denoise_chunk(
+        self,
+        state: CausalGenerationState,
+        noise: torch.Tensor,
+        *,
+        step_noise: Sequence[torch.Tensor | None] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> ChunkTrajectory:
+        """Run the few-step sampler on the next chunk from ``noise`` ``[B, C, f, H, W]`` and record every step.
+
+        ``step_noise[s]`` (``[B, C, f, H, W]``) fixes the re-noise draw after step ``s``; missing draws are sampled
+        from ``generator``. The state is not changed: commit the result with :meth:`commit_chunk`.
+        """
+        num_steps = len(self.timesteps)
+        x = noise.float()
+        inputs, predictions, draws = [], [], []
+        for s in range(num_steps):
+            inputs.append(x)
+            x0 = self.predict_x0(state, x, s)
+            predictions.append(x0)
+            if s < num_steps - 1:
+                eta = step_noise[s] if step_noise is not None and step_noise[s] is not None else None
+                if eta is None:
+                    eta = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+                eta = eta.to(device=x0.device, dtype=x0.dtype)
+                draws.append(eta)
+                x = renoise(x0, eta, self.sigmas[s + 1])
+        return ChunkTrajectory(
+            chunk_index=len(state.chunks),
+            frame_start=state.frame_offset,
+            timesteps=torch.tensor(self.timesteps),
+            sigmas=torch.tensor(self.sigmas),
+            inputs=torch.stack(inputs),
+            predictions=torch.stack(predictions),
+            noise=torch.stack(draws) if draws else x.new_zeros(0, *x.shape),
+        )
+
+    @torch.no_grad()
+    def commit_chunk(
+        self,
+        state: CausalGenerationState,
+        latents: torch.Tensor,
+        *,
+        update_cache: bool = True,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> None:
+        """Append the clean chunk ``latents`` ``[B, C, f, H, W]`` to the state.
+
+        With ``update_cache`` (skip it only after the last chunk) the transformer runs once more on the chunk at
+        timestep ``context_noise`` and its keys/values become the chunk's cache segment.
+        """
+        frames = latents.shape[2]
+        if update_cache:
+            x = latents.float()
+            context_t = float(self.config.context_noise)
+            if context_t > 0:
+                sigma = few_step_schedule([context_t], warp=False, shift=self.config.timestep_shift)[1][0]
+                x = renoise(x, randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype), sigma)
+            cache = state.cache.window(state.frame_offset, frames)
+            with self.runtime.cached(cache, state.frame_offset, record=True, cross_cache=state.cross_cache):
+                self._transformer(x, context_t, state.prompt_embeds)
+                segment = self.runtime.pop_recorded(state.frame_offset, frames)
+            state.cache = cache.append(segment)
+        state.chunks.append(latents)
+        state.frame_offset += frames
+
+    def fork(self, state: CausalGenerationState, n: int) -> CausalGenerationState:
+        """A state of ``B * n`` rows in which row ``i`` continues row ``i // n`` of ``state``.
+
+        The cache segments are shared, not copied; ``state`` itself stays valid and unchanged.
+        """
+        if n < 1:
+            raise ValueError(f"`n` must be >= 1 to fork a state, got {n}.")
+        return CausalGenerationState(
+            prompt_embeds=state.prompt_embeds.repeat_interleave(n, dim=0),
+            cache=state.cache.fork(n),
+            cross_cache=state.cross_cache.fork(n) if state.cross_cache is not None else None,
+            frame_offset=state.frame_offset,
+            chunks=[c.repeat_interleave(n, dim=0) for c in state.chunks],
+        )
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, output_type: str = "np"):
+        """Decode normalized latents ``[B, C, F, H, W]`` into ``1 + 4·(F - 1)`` pixel frames (``output_type`` as in
+        ``__call__``). The whole video is decoded at once: the Wan VAE's causal cache is not streamable."""
+        vae = self.vae
+        z_dim = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1)
+        latents = latents.to(vae.dtype) * std.to(latents.device, vae.dtype) + mean.to(latents.device, vae.dtype)
+        video = vae.decode(latents, return_dict=False)[0]
+        return self.video_processor.postprocess_video(video, output_type=output_type)
+
+    def forward_block_causal(
+        self, latents: torch.Tensor, frame_timesteps: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """One full transformer forward over ``latents`` ``[B, C, F, H, W]`` under the chunk-causal mask.
+
+        ``frame_timesteps`` ``[B, F]`` gives each latent frame its own timestep (0 for clean context frames). This is
+        what the cache computes chunk by chunk, done the slow way: the reference for tests and benchmarks.
+        Returns the flow ``[B, C, F, H, W]``.
+        """
+        batch, _, num_frames, height, width = latents.shape
+        tpf = tokens_per_frame(self.transformer, height, width)
+        mask = block_causal_mask(
+            num_frames,
+            self.config.num_frame_per_block,
+            tpf,
+            local_attn_size=self.config.local_attn_size,
+            sink_size=self.config.sink_size,
+            device=latents.device,
+        )
+        timestep = frame_timesteps.float().repeat_interleave(tpf, dim=1)
+        with self.runtime.masked(mask):
+            flow = self.transformer(
+                hidden_states=latents.to(self.transformer.dtype),
+                timestep=timestep,
+                encoder_hidden_states=prompt_embeds.to(self.transformer.dtype),
+                return_dict=False,
+            )[0]
+        return flow.to(latents.dtype)
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        num_frames: int = 81,
+        height: int = 480,
+        width: int = 832,
+        latents: torch.Tensor | None = None,
+        step_noise: Mapping[tuple[int, int], torch.Tensor] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        return_trajectory: bool = False,
+    ) -> CausalWanPipelineOutput | tuple:
+        r"""Generate videos chunk by chunk.
+
+        Args:
+            prompt: text prompt(s); or pass ``prompt_embeds`` ``[B, text_tokens, text_dim]``.
+            num_frames: pixel frames, ``9 + 12·(chunks - 1)`` for 3-frame chunks (81 = 7 chunks).
+            height, width: pixel size, multiples of 16.
+            latents: initial noise ``[B, C, F, H, W]`` (channel-major, latent frames); its shape then sets the batch,
+                frames and size.
+            step_noise: ``{(chunk_index, step_index): η}`` fixes re-noise draws (``η`` ``[B, C, f, H, W]``, step
+                ``0 .. T-2`` is the step whose x̂0 is re-noised); other draws come from ``generator``.
+            generator: torch generator(s) for the noise.
+            output_type: ``"np"``, ``"pt"``, ``"pil"`` or ``"latent"``.
+            return_trajectory: also return every chunk's per-step inputs, x̂0 predictions and noise.
+
+        Returns:
+            :class:`CausalWanPipelineOutput` or a tuple ``(frames,)`` / ``(frames, trajectory)``.
+        """
+        self.check_inputs(prompt, prompt_embeds, num_frames, height, width, latents, output_type)
+        device = self._execution_device
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt(prompt, device=device)
+        prompt_embeds = prompt_embeds.to(device)
+        if latents is None:
+            shape = (
+                prompt_embeds.shape[0],
+                self.transformer.config.in_channels,
+                (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+                height // self.vae_scale_factor_spatial,
+                width // self.vae_scale_factor_spatial,
+            )
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents.to(device=device, dtype=torch.float32)
+        step_noise = dict(step_noise or {})
+        chunk = self.config.num_frame_per_block
+        num_chunks = latents.shape[2] // chunk
+
+        state = self.init_state(prompt_embeds)
+        trajectory = []
+        with self.progress_bar(total=num_chunks) as progress_bar:
+            for c in range(num_chunks):
+                draws = [step_noise.get((c, s)) for s in range(len(self.timesteps) - 1)]
+                record = self.denoise_chunk(
+                    state, latents[:, :, c * chunk : (c + 1) * chunk], step_noise=draws, generator=generator
+                )
+                self.commit_chunk(state, record.latents, update_cache=c < num_chunks - 1, generator=generator)
+                if return_trajectory:
+                    trajectory.append(record)
+                progress_bar.update()
+
+        video = state.latents if output_type == "latent" else self.decode(state.latents, output_type)
+        self.maybe_free_model_hooks()
+        trajectory = trajectory if return_trajectory else None
+        if not return_dict:
+            return (video, trajectory) if return_trajectory else (video,)
+        return CausalWanPipelineOutput(frames=video, trajectory=trajectory)
