@@ -73,18 +73,12 @@ def block_causal_mask(
     frame_allowed = torch.zeros(num_frames, num_frames, dtype=torch.bool, device=device)
     for start in range(0, num_frames, frames_per_block):
         n = min(frames_per_block, num_frames - start)
-        keys = attended_frames(
-            start, n, local_attn_size=local_attn_size, sink_size=sink_size
-        )
+        keys = attended_frames(start, n, local_attn_size=local_attn_size, sink_size=sink_size)
         frame_allowed[start : start + n, keys] = True
-    return frame_allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(
-        tokens_per_frame, 1
-    )
+    return frame_allowed.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
 
 
-def tokens_per_frame(
-    transformer: nn.Module, latent_height: int, latent_width: int
-) -> int:
+def tokens_per_frame(transformer: nn.Module, latent_height: int, latent_width: int) -> int:
     """Tokens of one latent frame ``H x W`` after the transformer's spatial patchification."""
     _, p_h, p_w = transformer.config.patch_size
     return (latent_height // p_h) * (latent_width // p_w)
@@ -193,9 +187,7 @@ class KVCache:
 
     def fork(self, n: int) -> KVCache:
         """The cache of a batch in which every row is repeated ``n`` times (row ``i`` -> rows ``i*n .. i*n+n-1``)."""
-        return replace(
-            self, segments=tuple(replace(s, repeat=s.repeat * n) for s in self.segments)
-        )
+        return replace(self, segments=tuple(replace(s, repeat=s.repeat * n) for s in self.segments))
 
     def assemble(
         self, layer: int, own_key: torch.Tensor, own_value: torch.Tensor
@@ -219,9 +211,7 @@ class KVCache:
                         f"{segment.batch_size} rows but the transformer input has {batch}; fork the state instead "
                         "of changing the batch size."
                     )
-                rows = buffer[:, pos : pos + tensor.shape[1]].unflatten(
-                    0, (tensor.shape[0], segment.repeat)
-                )
+                rows = buffer[:, pos : pos + tensor.shape[1]].unflatten(0, (tensor.shape[0], segment.repeat))
                 rows.copy_(tensor.unsqueeze(1))
                 pos += tensor.shape[1]
             buffer[:, pos:] = own
@@ -310,9 +300,7 @@ class CausalAttentionRuntime:
 
     def _enter(self, **settings) -> None:
         if self.mode != "off":
-            raise RuntimeError(
-                "A causal attention pass is already active on this transformer (no nesting)."
-            )
+            raise RuntimeError("A causal attention pass is already active on this transformer (no nesting).")
         for name, value in settings.items():
             setattr(self, name, value)
 
@@ -329,23 +317,15 @@ def _project_qkv(attn: nn.Module, hidden_states: torch.Tensor, context: torch.Te
     return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
 
 
-def _apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of ``x`` ``[B, S, H, D]`` by the angles whose cos/sin are ``[1, S, 1, D]``."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return (
-        torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-        .flatten(-2)
-        .type_as(x)
-    )
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
 
 def _attention(attn: nn.Module, query, key, value, attention_mask=None) -> torch.Tensor:
-    out = dispatch_attention_fn(
-        query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-    )
+    out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
     out = out.flatten(2, 3).type_as(query)
     return attn.to_out[1](attn.to_out[0](out))
 
@@ -401,9 +381,7 @@ class CausalWanCrossAttnProcessor:
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         if attn.add_k_proj is not None:
-            raise NotImplementedError(
-                "Image-conditioned (I2V) Wan transformers are not supported by the causal port."
-            )
+            raise NotImplementedError("Image-conditioned (I2V) Wan transformers are not supported by the causal port.")
         cache = self.runtime.cross_cache if not torch.is_grad_enabled() else None
         if cache is not None and self.layer in cache.keys:
             query = attn.to_q(hidden_states)
@@ -424,9 +402,7 @@ class CausalWanCrossAttnProcessor:
 class OffsetWanRotaryPosEmbed(WanRotaryPosEmbed):
     """``WanRotaryPosEmbed`` whose temporal positions start at the runtime's absolute ``frame_offset``."""
 
-    def __init__(
-        self, rope: WanRotaryPosEmbed, runtime: CausalAttentionRuntime
-    ) -> None:
+    def __init__(self, rope: WanRotaryPosEmbed, runtime: CausalAttentionRuntime) -> None:
         nn.Module.__init__(self)
         self.attention_head_dim = rope.attention_head_dim
         self.patch_size = rope.patch_size

@@ -120,7 +120,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         scheduler: kept only as a config holder; the sampler uses the explicit schedule below.
         num_frame_per_block: latent frames per chunk.
         denoising_step_list, warp_denoising_step, timestep_shift: the few-step schedule (see
-            :func:`~trl_arcopo.pipelines.sampler.few_step_schedule`).
+            :func:`~trl_arcopo.pipelines.sampler.few_step_schedule`); default ``[1000, 750, 500, 250]``, warped, 5.0.
         context_noise: timestep of the cache-refresh pass (0: clean).
         local_attn_size: attention window in latent frames including the current chunk (-1: global attention).
         sink_size: first latent frames never evicted from a windowed cache.
@@ -147,15 +147,17 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         transformer: WanTransformer3DModel,
         scheduler: FlowMatchEulerDiscreteScheduler | None = None,
         num_frame_per_block: int = 3,
-        denoising_step_list: Sequence[float] = (1000, 750, 500, 250),
+        denoising_step_list: list[float] | None = None,
         warp_denoising_step: bool = True,
         timestep_shift: float = 5.0,
-        context_noise: float = 0,
+        context_noise: float = 0.0,
         local_attn_size: int = -1,
         sink_size: int = 0,
         max_sequence_length: int = 512,
     ) -> None:
         super().__init__()
+        if denoising_step_list is None:
+            denoising_step_list = [1000.0, 750.0, 500.0, 250.0]
         self.register_modules(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
         )
@@ -265,7 +267,9 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if prompt is not None and not (isinstance(prompt, str) or all(isinstance(p, str) for p in prompt)):
             raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
         if prompt is not None and (self.tokenizer is None or self.text_encoder is None):
-            raise ValueError("`prompt` needs a tokenizer and a text encoder; this pipeline has none: pass `prompt_embeds`.")
+            raise ValueError(
+                "`prompt` needs a tokenizer and a text encoder; this pipeline has none: pass `prompt_embeds`."
+            )
         if prompt_embeds is not None and prompt_embeds.ndim != 3:
             raise ValueError(f"`prompt_embeds` must be [batch, tokens, dim], got shape {tuple(prompt_embeds.shape)}.")
         if output_type not in ("np", "pt", "pil", "latent"):
@@ -310,6 +314,19 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if height % multiple or width % multiple:
             raise ValueError(f"`height` and `width` must be multiples of {multiple}, got {height}x{width}.")
 
+    def _check_step_noise(self, step_noise: dict, latents: torch.Tensor, num_chunks: int) -> None:
+        num_draws = len(self.timesteps) - 1
+        chunk = self.config.num_frame_per_block
+        expected = (latents.shape[0], latents.shape[1], chunk, *latents.shape[3:])
+        for key, value in step_noise.items():
+            if not (isinstance(key, tuple) and len(key) == 2 and 0 <= key[0] < num_chunks and 0 <= key[1] < num_draws):
+                raise ValueError(
+                    f"`step_noise` key {key!r} is not a (chunk_index, step_index) pair with chunk_index in "
+                    f"[0, {num_chunks}) and step_index in [0, {num_draws})."
+                )
+            if tuple(value.shape) != expected:
+                raise ValueError(f"`step_noise`[{key}] has shape {tuple(value.shape)}, expected {expected}.")
+
     # ------------------------------------------------------------------ text
 
     @torch.no_grad()
@@ -347,7 +364,9 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     def _transformer(self, x: torch.Tensor, timestep: float, prompt_embeds: torch.Tensor) -> torch.Tensor:
         t = torch.full((x.shape[0],), float(timestep), device=x.device, dtype=torch.float32)
         flow = self.transformer(
-            hidden_states=x.to(self.transformer.dtype), timestep=t, encoder_hidden_states=prompt_embeds,
+            hidden_states=x.to(self.transformer.dtype),
+            timestep=t,
+            encoder_hidden_states=prompt_embeds,
             return_dict=False,
         )[0]
         return flow.to(x.dtype)
@@ -539,6 +558,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         step_noise = dict(step_noise or {})
         chunk = self.config.num_frame_per_block
         num_chunks = latents.shape[2] // chunk
+        self._check_step_noise(step_noise, latents, num_chunks)
 
         state = self.init_state(prompt_embeds)
         trajectory = []
