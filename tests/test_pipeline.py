@@ -11,7 +11,6 @@ from trl_arcopo.models import load_self_forcing_transformer, wan_config_from_ori
 from trl_arcopo.models.kv_cache import attended_frames
 from trl_arcopo.testing import tiny_causal_wan_pipeline
 
-
 # Weights loaded from disk are memory-mapped: the same numbers at another alignment take other MKL code paths on
 # CPU, which moves float32 results by ~1e-7 (bitwise equal once the loaded tensors are cloned). Round trips check
 # that the weights are bitwise equal and the outputs equal within this noise.
