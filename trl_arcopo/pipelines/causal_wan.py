@@ -362,9 +362,11 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         )
 
     def _transformer(self, x: torch.Tensor, timestep: float, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """Flow ``[B, C, f, H, W]`` (in ``x``'s dtype) of one call; inputs are cast to ``prompt_embeds``' dtype, which
+        :meth:`init_state` set to the transformer's."""
         t = torch.full((x.shape[0],), float(timestep), device=x.device, dtype=torch.float32)
         flow = self.transformer(
-            hidden_states=x.to(self.transformer.dtype),
+            hidden_states=x.to(prompt_embeds.dtype),
             timestep=t,
             encoder_hidden_states=prompt_embeds,
             return_dict=False,

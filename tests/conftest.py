@@ -1,0 +1,22 @@
+"""Shared pytest setup: offline Hub, reference fixtures, a per-session Hub cache."""
+
+import os
+
+# huggingface_hub reads HF_HUB_OFFLINE once, at import time: set it before anything imports it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    """`shared/fixtures`, which sits beside the repository checkout (`../shared` relative to the repo root)."""
+    return Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty Hugging Face Hub cache directory for this test session (one per xdist worker)."""
+    return tmp_path_factory.mktemp("hf_cache")

@@ -1,0 +1,230 @@
+"""Tiny offline components and Hub-cache helpers for tests and examples.
+
+Nothing here downloads anything. Library code must not import this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from huggingface_hub.file_download import repo_folder_name
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in the umT5 tokenizer
+
+_WORDS = """
+a an the and or but of in on at to from with without by for over under above below into onto through across along
+around behind beside between near far inside outside up down left right front back top bottom
+is are was were be being been has have had do does did can will would should could may might
+it its this that these those there here he she they we you i his her their our your my me him them us
+one two three four five six seven eight nine ten many few some all every each several most more less
+big small large tiny huge little long short tall wide narrow thick thin high low deep old young new
+red orange yellow green blue purple pink brown black white gray grey gold silver golden dark bright colorful
+light shadow sun sunlight sunset sunrise moon star stars sky cloud clouds rain snow wind fog storm lightning
+water river lake sea ocean wave waves beach sand desert mountain mountains hill forest tree trees leaf leaves
+flower flowers grass field garden park road street city town village house building bridge tower castle
+room kitchen window door wall floor table chair bed car cars bus train boat ship plane bicycle
+man woman person people child children boy girl baby family friend crowd dancer chef soldier astronaut robot
+dog dogs cat cats bird birds fish horse cow sheep lion tiger bear elephant monkey rabbit fox wolf deer
+panda dragon butterfly bee owl eagle duck
+walk walks walking run runs running jump jumps jumping fly flies flying swim swims swimming dance dances dancing
+sit sits sitting stand stands standing play plays playing eat eats eating drink drinking sleep sleeping
+look looks looking watch watching smile smiling laugh laughing talk talking sing singing cook cooking
+drive driving ride riding move moves moving turn turns turning fall falls falling rise rising hold holding
+wear wearing open opening close closing throw catch climb climbing
+slowly quickly gently softly happily together alone again
+camera shot view scene video close-up closeup aerial wide-angle pan zoom tracking cinematic realistic
+detailed beautiful cute happy sad calm peaceful dramatic vibrant soft warm cold hot wet dry quiet loud
+morning evening night day time winter summer spring autumn
+fire smoke glass ice stone wood metal paper hat coat dress shirt shoes glasses ball book guitar piano
+"""
+
+_PUNCTUATION = (".", ",", "!", "?", "'", '"', "-", ":", ";", "(", ")")
+
+
+def tiny_transformer_config() -> dict[str, Any]:
+    """Keyword arguments of a tiny `WanTransformer3DModel` (SELF_FORCING.md §13): 28 k parameters, 69 tensors.
+
+    2 heads x head_dim 12 (inner dim 24), text_dim 32 (= the tiny text encoder's d_model), ffn_dim 32, 2 layers,
+    rope_max_seq_len 32 (so at most 32 latent frames).
+    """
+    return {
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": 2,
+        "attention_head_dim": 12,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": 32,
+        "freq_dim": 256,
+        "ffn_dim": 32,
+        "num_layers": 2,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 32,
+    }
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer over a few hundred common English words, built without the Hub.
+
+    Ids: `<pad>` = 0, `</s>` = 1 (appended to every sequence), `<unk>` = 2, then punctuation and words
+    (vocabulary size < 1103, the tiny text encoder's `vocab_size`). `model_max_length` is 512, as for umT5.
+    """
+    words = dict.fromkeys([*_SPECIAL_TOKENS, *_PUNCTUATION, *_WORDS.split()])  # ordered, de-duplicated
+    vocab = {word: index for index, word in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
+
+
+def tiny_components(seed: int = 0, **transformer_overrides: Any) -> dict[str, Any]:
+    """Tiny float32 Wan2.1 components (SELF_FORCING.md §13), built fully offline, all modules in eval mode.
+
+    Args:
+        seed: `torch.manual_seed(seed)` is called before building each module.
+        **transformer_overrides: replace entries of [`tiny_transformer_config`] (e.g. `attention_head_dim=16`).
+
+    Returns:
+        `{"transformer", "vae", "text_encoder", "tokenizer", "scheduler"}`, the keyword arguments of a `WanPipeline`:
+        - transformer: `WanTransformer3DModel`, latents [B, 16, F, H, W] with H, W even, F <= 32;
+        - vae: `AutoencoderKLWan` with z_dim 16, strides 4 (time, first frame alone) / 8 (space);
+        - text_encoder: `UMT5EncoderModel` with d_model 32, embeddings [B, L, 32];
+        - tokenizer: [`tiny_tokenizer`];
+        - scheduler: `FlowMatchEulerDiscreteScheduler(shift=5.0)` (a config holder).
+    """
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(**{**tiny_transformer_config(), **transformer_overrides})
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=1103,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=5,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="relu",
+            layer_norm_epsilon=1e-6,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    return {
+        "transformer": transformer.float().eval(),
+        "vae": vae.float().eval(),
+        "text_encoder": text_encoder.float().eval(),
+        "tokenizer": tiny_tokenizer(),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=5.0),
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def populate_hub_cache(
+    repo_id: str,
+    folder: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike,
+    repo_type: str = "model",
+    revision: str = "main",
+) -> Path:
+    """Install the files of a local folder into a Hugging Face Hub cache as if `repo_id` had been downloaded.
+
+    Writes the real cache layout::
+
+        cache_dir/models--org--name/blobs/<sha256 of each file>
+        cache_dir/models--org--name/snapshots/<commit>/<relative path>  -> ../../blobs/<sha256> (relative symlink)
+        cache_dir/models--org--name/refs/<revision>                      (contains <commit>)
+
+    (`datasets--org--name` for `repo_type="dataset"`). The commit is a deterministic 40-hex digest of the folder's
+    content, so populating the same content twice is idempotent. With `HF_HUB_OFFLINE=1` in the environment *before*
+    `huggingface_hub` is imported, `hf_hub_download(repo_id, filename, cache_dir=cache_dir)`, `snapshot_download`
+    and `DiffusionPipeline.from_pretrained(repo_id, cache_dir=cache_dir)` then resolve these files through their
+    ordinary code paths.
+
+    Args:
+        repo_id: `"org/name"`.
+        folder: local folder whose files (recursively) become the repo's files.
+        cache_dir: the cache to write to; pass the same `cache_dir` to the loading functions.
+        repo_type: `"model"`, `"dataset"` or `"space"`.
+        revision: the ref (branch or tag name) pointing to the new snapshot.
+
+    Returns:
+        The snapshot folder `cache_dir/<repo folder>/snapshots/<commit>`.
+
+    Example:
+        ```python
+        >>> snapshot = populate_hub_cache("org/tiny", "my_folder", cache_dir=tmp_path / "hub")
+        >>> hf_hub_download("org/tiny", "config.json", cache_dir=tmp_path / "hub")  # HF_HUB_OFFLINE=1
+        ```
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a directory.")
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    if not files:
+        raise ValueError(f"{folder} contains no files.")
+    storage = Path(cache_dir) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    blobs = {path.relative_to(folder).as_posix(): _sha256(path) for path in files}
+    commit = hashlib.sha1("\n".join(f"{name} {blob}" for name, blob in blobs.items()).encode()).hexdigest()
+
+    snapshot = storage / "snapshots" / commit
+    for path, (name, blob) in zip(files, blobs.items(), strict=True):
+        blob_path = storage / "blobs" / blob
+        if not blob_path.exists():
+            blob_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, blob_path)
+        pointer = snapshot / name
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        if pointer.is_symlink() or pointer.exists():
+            pointer.unlink()
+        pointer.symlink_to(os.path.relpath(blob_path, pointer.parent))
+    ref = storage / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    ref.write_text(commit)
+    return snapshot
+
+
+def tiny_causal_wan_pipeline(seed: int = 0, **overrides: Any):
+    """A tiny, offline, float32 `CausalWanPipeline` (the embedded default of the demo and of the tests).
+
+    Args:
+        seed: seed of every component (see [`tiny_components`]).
+        **overrides: pipeline config (`local_attn_size=6`, `sink_size=3`, `num_frame_per_block`, ...) or
+            transformer config entries (any key of [`tiny_transformer_config`]).
+
+    Returns a pipeline generating `[B, 16, F, H/8, W/8]` latents (F <= 32) with 16-token prompts; 32x32 pixels and
+    9 + 12·(chunks - 1) frames are the usual test sizes.
+    """
+    from .pipelines.causal_wan import CausalWanPipeline
+
+    transformer_keys = tiny_transformer_config().keys()
+    transformer_overrides = {k: v for k, v in overrides.items() if k in transformer_keys}
+    pipeline_config = {"max_sequence_length": 16, **{k: v for k, v in overrides.items() if k not in transformer_keys}}
+    return CausalWanPipeline(**tiny_components(seed, **transformer_overrides), **pipeline_config)
