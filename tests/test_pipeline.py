@@ -392,3 +392,17 @@ def test_too_many_frames_for_rope():
     pipe = tiny_causal_wan_pipeline()  # rope_max_seq_len = 32 latent frames
     with pytest.raises(ValueError, match="rope_max_seq_len=32"):
         pipe(prompt_embeds=torch.zeros(1, 16, 32), latents=torch.zeros(1, 16, 33, 4, 4), output_type="latent")
+
+
+def test_predict_x0_with_one_step_per_row_matches_separate_calls():
+    pipe = tiny_causal_wan_pipeline()
+    state = pipe.init_state(torch.randn(1, 16, 32))
+    pipe.commit_chunk(state, pipe.denoise_chunk(state, torch.randn(1, 16, 3, 4, 4)).latents)
+    rows = pipe.fork(state, 4)
+    x = torch.randn(4, 16, 3, 4, 4)
+    steps = [0, 1, 2, 3]
+    batched = pipe.predict_x0(rows, x, steps)
+    for i, s in enumerate(steps):
+        torch.testing.assert_close(batched[i : i + 1], pipe.predict_x0(state, x[i : i + 1], s), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="`step` has 2 entries for 4 rows"):
+        pipe.predict_x0(rows, x, [0, 1])

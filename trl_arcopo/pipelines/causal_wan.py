@@ -361,29 +361,37 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             cross_cache=CrossAttentionCache() if cache_cross_attention else None,
         )
 
-    def _transformer(self, x: torch.Tensor, timestep: float, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        """Flow ``[B, C, f, H, W]`` (in ``x``'s dtype) of one call; inputs are cast to ``prompt_embeds``' dtype, which
-        :meth:`init_state` set to the transformer's."""
-        t = torch.full((x.shape[0],), float(timestep), device=x.device, dtype=torch.float32)
+    def _transformer(
+        self, x: torch.Tensor, timestep: float | torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """Flow ``[B, C, f, H, W]`` (in ``x``'s dtype) of one call at ``timestep`` (a float or one per row ``[B]``);
+        inputs are cast to ``prompt_embeds``' dtype, which :meth:`init_state` set to the transformer's."""
+        t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).expand(x.shape[0])
         flow = self.transformer(
-            hidden_states=x.to(prompt_embeds.dtype),
-            timestep=t,
-            encoder_hidden_states=prompt_embeds,
-            return_dict=False,
+            hidden_states=x.to(prompt_embeds.dtype), timestep=t, encoder_hidden_states=prompt_embeds, return_dict=False
         )[0]
         return flow.to(x.dtype)
 
-    def predict_x0(self, state: CausalGenerationState, x_t: torch.Tensor, step: int) -> torch.Tensor:
+    def predict_x0(self, state: CausalGenerationState, x_t: torch.Tensor, step: int | Sequence[int]) -> torch.Tensor:
         """x̂0 of sampler step ``step`` for the next chunk's input ``x_t`` ``[B, C, f, H, W]`` given the state's cache.
 
-        Differentiable with respect to the transformer's trainable weights when grad is enabled (the cache is
-        detached; the cross-attention cache is only used without grad).
+        ``step`` is one step index for all rows or one per row (rows at different noise levels in one batched
+        forward). Differentiable with respect to the transformer's trainable weights when grad is enabled (the cache
+        is detached; the cross-attention cache is only used without grad).
         """
         frames = x_t.shape[2]
         cache = state.cache.window(state.frame_offset, frames)
+        if isinstance(step, int):
+            timestep, sigma = self.timesteps[step], self.sigmas[step]
+        else:
+            if len(step) != x_t.shape[0]:
+                raise ValueError(f"`step` has {len(step)} entries for {x_t.shape[0]} rows of `x_t`.")
+            timestep = torch.tensor([self.timesteps[s] for s in step], device=x_t.device)
+            sigma = torch.tensor([self.sigmas[s] for s in step], device=x_t.device, dtype=torch.float64)
+            sigma = sigma.view(-1, *([1] * (x_t.ndim - 1)))
         with self.runtime.cached(cache, state.frame_offset, cross_cache=state.cross_cache):
-            flow = self._transformer(x_t, self.timesteps[step], state.prompt_embeds)
-        return predict_x0(x_t, flow, self.sigmas[step])
+            flow = self._transformer(x_t, timestep, state.prompt_embeds)
+        return predict_x0(x_t, flow, sigma)
 
     @torch.no_grad()
     def denoise_chunk(

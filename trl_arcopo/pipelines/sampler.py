@@ -47,8 +47,10 @@ def few_step_schedule(
     return timesteps.float().tolist(), sigmas.float().tolist()
 
 
-def predict_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``x̂0 = x_t - σ·v`` computed in float64 (as the reference implementation does), returned in ``x_t``'s dtype."""
+def predict_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """``x̂0 = x_t - σ·v`` computed in float64 (as the reference implementation does), returned in ``x_t``'s dtype.
+
+    ``sigma`` is a float or a tensor broadcastable to ``x_t`` (e.g. ``[B, 1, 1, 1, 1]``, one per row)."""
     return (x_t.double() - sigma * flow.double()).to(x_t.dtype)
 
 
