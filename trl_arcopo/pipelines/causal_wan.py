@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -179,6 +180,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         self.vae_scale_factor_spatial = vae.config.scale_factor_spatial if vae is not None else 8
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
         self.runtime = enable_causal_attention(transformer)
+        self._forward_transformer: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -221,9 +223,11 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             token=token,
         )
         scheduler = FlowMatchEulerDiscreteScheduler(shift=kwargs.get("timestep_shift", 5.0))
-        return cls.from_pretrained(
+        pipe = cls.from_pretrained(
             base, transformer=transformer, scheduler=scheduler, dtype=dtype, cache_dir=cache_dir, token=token, **kwargs
         )
+        pipe.generator_id = str(checkpoint)  # the base model of LoRAs trained on this pipeline (model cards)
+        return pipe
 
     # ------------------------------------------------------------------ validation
 
@@ -367,10 +371,20 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         """Flow ``[B, C, f, H, W]`` (in ``x``'s dtype) of one call at ``timestep`` (a float or one per row ``[B]``);
         inputs are cast to ``prompt_embeds``' dtype, which :meth:`init_state` set to the transformer's."""
         t = torch.as_tensor(timestep, device=x.device, dtype=torch.float32).expand(x.shape[0])
-        flow = self.transformer(
+        flow = (self._forward_transformer or self.transformer)(
             hidden_states=x.to(prompt_embeds.dtype), timestep=t, encoder_hidden_states=prompt_embeds, return_dict=False
         )[0]
         return flow.to(x.dtype)
+
+    @contextlib.contextmanager
+    def transformer_forward(self, module: torch.nn.Module) -> Iterator[None]:
+        """Route the streaming API's transformer calls through ``module``: the same transformer wrapped by
+        DDP/FSDP/DeepSpeed, so that gradient synchronisation hooks see the forward."""
+        previous, self._forward_transformer = self._forward_transformer, module
+        try:
+            yield
+        finally:
+            self._forward_transformer = previous
 
     def predict_x0(self, state: CausalGenerationState, x_t: torch.Tensor, step: int | Sequence[int]) -> torch.Tensor:
         """x̂0 of sampler step ``step`` for the next chunk's input ``x_t`` ``[B, C, f, H, W]`` given the state's cache.
