@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers.utils import export_to_video
-from PIL import Image
 
 from trl_arcopo import CausalWanPipeline
+from trl_arcopo.utils.videos import save_video
 
 PRESETS = {
     # name: (num_frames, height, width)
@@ -35,21 +34,6 @@ def build_pipeline(preset: str, device: str, lora: str | None) -> CausalWanPipel
     if lora:
         pipe.load_lora_weights(lora)
     return pipe.to(device)
-
-
-def save_video(frames, path: Path, fps: int) -> Path:
-    """`frames` is a list of PIL images; mp4 if possible, else a PNG contact sheet."""
-    try:
-        return Path(export_to_video(frames, str(path.with_suffix(".mp4")), fps=fps))
-    except ImportError:
-        width, height = frames[0].size
-        columns = min(len(frames), 8)
-        rows = -(-len(frames) // columns)
-        sheet = Image.new("RGB", (columns * width, rows * height))
-        for i, frame in enumerate(frames):
-            sheet.paste(frame, ((i % columns) * width, (i // columns) * height))
-        sheet.save(path.with_suffix(".png"))
-        return path.with_suffix(".png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,8 @@ __version__ = "0.1.0.dev0"
 
 # Public names and the module that defines them; modules are imported on first access (diffusers is heavy).
 _LAZY_EXPORTS = {
+    "ARCoPOConfig": "trl_arcopo.arcopo_config",
+    "ARCoPOTrainer": "trl_arcopo.arcopo_trainer",
     "CausalWanPipeline": "trl_arcopo.pipelines.causal_wan",
     "CausalWanPipelineOutput": "trl_arcopo.pipelines.causal_wan",
 }
@@ -16,6 +18,8 @@ _LAZY_EXPORTS = {
 __all__ = sorted(_LAZY_EXPORTS)
 
 if TYPE_CHECKING:
+    from .arcopo_config import ARCoPOConfig
+    from .arcopo_trainer import ARCoPOTrainer
     from .pipelines.causal_wan import CausalWanPipeline, CausalWanPipelineOutput
 
 

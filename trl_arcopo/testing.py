@@ -112,6 +112,12 @@ def tiny_components(seed: int = 0, **transformer_overrides: Any) -> dict[str, An
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
+    with torch.no_grad():
+        # A random tiny decoder is dominated by its biases: it decodes every latent to nearly the same video, so no
+        # video reward could depend on the generator. Amplifying its input path makes decoded frames (and rewards)
+        # follow the latents.
+        vae.post_quant_conv.weight.mul_(100.0)
+        vae.decoder.conv_in.weight.mul_(100.0)
     torch.manual_seed(seed)
     text_encoder = UMT5EncoderModel(
         UMT5Config(

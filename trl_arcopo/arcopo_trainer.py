@@ -1,0 +1,670 @@
+"""``ARCoPOTrainer``: AR-CoPO (and the SDE-GRPO baseline) on a causal video pipeline, as a ``transformers.Trainer``.
+
+The trainer orchestrates: rollouts come from :mod:`trl_arcopo.rollout`, rewards from :mod:`trl_arcopo.rewards`, every
+piece of math from :mod:`trl_arcopo.copo`. It owns batching (one rollout group per prompt, reused for
+``num_iterations`` optimizer steps), metrics, LoRA saving, model cards and exact resumption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from huggingface_hub import ModelCard, ModelCardData
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+from trl.trainer.utils import RepeatSampler
+
+from . import copo
+from .arcopo_config import ARCoPOConfig
+from .pipelines.causal_wan import CausalWanPipeline
+from .rewards import BUILTIN_REWARDS, RewardFunctionError, RewardOutputError, compute_rewards, reward_names
+from .rollout import RolloutGroup, generate_group, rebuild_context, sample_pivot
+
+logger = logging.getLogger(__name__)
+
+RewardFunc = Callable[..., Any] | torch.nn.Module | str
+_STATE_FILE = "arcopo_state.json"
+_TENSORS_FILE = "arcopo_state.safetensors"
+_LORA_FILE = "pytorch_lora_weights.safetensors"
+
+_CITATION = """\
+@article{arcopo2026,
+    title   = {{AR-CoPO: Align Autoregressive Video Generation with Contrastive Policy Optimization}},
+    journal = {arXiv preprint arXiv:2603.17461},
+    year    = {2026}
+}"""
+
+
+class RewardFailure(RuntimeError):
+    """A reward function raised, returned the wrong length or non-finite values (see ``reward_error``)."""
+
+
+def _identity_collator(features: list[dict]) -> list[dict]:
+    return features
+
+
+def _to_dtype(value: Any) -> Any:
+    return getattr(torch, value) if isinstance(value, str) and value != "auto" else value
+
+
+class ARCoPOTrainer(Trainer):
+    """Trainer for AR-CoPO: chunk-level noise forking + contrastive policy optimization of a LoRA adapter.
+
+    Args:
+        model: a :class:`~trl_arcopo.CausalWanPipeline`, or a Hub id / local path of one (loaded with
+            ``args.model_init_kwargs``). Only the LoRA adapter named ``args.adapter_name`` trains.
+        reward_funcs: one or several rewards ``f(prompts, videos, **kwargs) -> list[float | None]`` with ``videos``
+            ``[B, F, 3, H, W]`` in [0, 1] (``nn.Module`` rewards follow the same call), or names of built-in rewards
+            (``"temporal_flicker"``, ``"colorfulness"``, ``"brightness"``, ``"sharpness"``). Extra dataset columns
+            and ``trainer_state`` reach them as keyword arguments.
+        args: an :class:`~trl_arcopo.ARCoPOConfig`.
+        train_dataset / eval_dataset: datasets with a ``prompt`` column (one rollout group per row).
+        peft_config: a ``peft.LoraConfig`` overriding the LoRA settings of ``args``.
+        callbacks, optimizers: as in ``transformers.Trainer``.
+
+    Example:
+        ```py
+        >>> from datasets import Dataset
+        >>> from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
+        >>> from trl_arcopo.testing import tiny_causal_wan_pipeline
+
+        >>> args = ARCoPOConfig("out", num_frames=21, height=32, width=32, num_generations=4, max_steps=2)
+        >>> trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), "colorfulness", args=args,
+        ...                         train_dataset=Dataset.from_dict({"prompt": ["a red car"]}))
+        >>> trainer.train()
+        ```
+    """
+
+    _tag_names = ["trl", "arcopo", "lora", "text-to-video", "diffusers"]
+    _name = "AR-CoPO"
+    _paper = {
+        "title": "AR-CoPO: Align Autoregressive Video Generation with Contrastive Policy Optimization",
+        "id": "2603.17461",
+        "citation": _CITATION,
+    }
+    # compute_loss returns a per-microbatch mean; the Trainer divides by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: CausalWanPipeline | str,
+        reward_funcs: RewardFunc | Sequence[RewardFunc],
+        args: ARCoPOConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | None = None,
+        peft_config: LoraConfig | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, Any] = (None, None),
+    ) -> None:
+        if args is None:
+            args = ARCoPOConfig(output_dir="arcopo-output")
+        if not isinstance(args, ARCoPOConfig):
+            raise TypeError(f"`args` must be an ARCoPOConfig, got {type(args).__name__}.")
+        pipeline = self._load_pipeline(model, args)
+        self.pipeline = pipeline
+        self.reward_funcs = self._resolve_rewards(reward_funcs)
+        self.reward_func_names = reward_names(self.reward_funcs)
+        self._check_against_pipeline(args, pipeline, train_dataset)
+
+        transformer = pipeline.transformer
+        transformer.requires_grad_(False)
+        for component in (pipeline.text_encoder, pipeline.vae):
+            if component is not None:
+                component.requires_grad_(False).eval()
+        if peft_config is None:
+            peft_config = LoraConfig(
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                target_modules=list(args.lora_target_modules),
+            )
+        transformer.add_adapter(peft_config, adapter_name=args.adapter_name)
+        transformer.set_adapter(args.adapter_name)
+        for parameter in transformer.parameters():
+            if parameter.requires_grad:  # LoRA weights train in float32 whatever the base dtype
+                parameter.data = parameter.data.float()
+        if args.transformer_gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self._buffered_inputs: list[list[dict]] | None = None
+        self._step = 0
+        self._nonfinite_losses = 0
+        super().__init__(
+            model=transformer,
+            args=args,
+            data_collator=_identity_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        pipeline.to(self.accelerator.device)
+        pipeline.set_progress_bar_config(disable=True)
+        # The rollout's randomness (noise, pivots, anchors); its state is part of every checkpoint.
+        self.rollout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
+
+    # ---------------------------------------------------------------------------------------------- setup
+
+    @staticmethod
+    def _load_pipeline(model: CausalWanPipeline | str, args: ARCoPOConfig) -> CausalWanPipeline:
+        if isinstance(model, CausalWanPipeline):
+            return model
+        if isinstance(model, str | os.PathLike):
+            kwargs = {k: _to_dtype(v) for k, v in (args.model_init_kwargs or {}).items()}
+            return CausalWanPipeline.from_pretrained(model, **kwargs)
+        raise TypeError(f"`model` must be a CausalWanPipeline or a Hub id / path of one, got {type(model).__name__}.")
+
+    @staticmethod
+    def _resolve_rewards(reward_funcs: RewardFunc | Sequence[RewardFunc]) -> list:
+        funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+        if not funcs:
+            raise ValueError("`reward_funcs` is empty: pass at least one reward function.")
+        resolved = []
+        for func in funcs:
+            if isinstance(func, str):
+                short = func.removesuffix("_reward")
+                if short not in BUILTIN_REWARDS:
+                    raise ValueError(
+                        f"Unknown reward {func!r}: use a callable or one of the built-in rewards "
+                        f"{sorted(BUILTIN_REWARDS)}."
+                    )
+                func = BUILTIN_REWARDS[short]
+            elif not callable(func):
+                raise TypeError(f"Reward {func!r} is not callable.")
+            resolved.append(func)
+        return resolved
+
+    def _check_against_pipeline(self, args: ARCoPOConfig, pipeline: CausalWanPipeline, train_dataset) -> None:
+        num_steps = len(pipeline.timesteps)
+        if args.train_steps is not None and max(args.train_steps) >= num_steps:
+            raise ValueError(
+                f"`train_steps` {args.train_steps} names steps the sampler does not have (it runs {num_steps}: "
+                f"0 .. {num_steps - 1})."
+            )
+        chunk = pipeline.config.num_frame_per_block
+        latent_frames = (args.num_frames - 1) // pipeline.vae_scale_factor_temporal + 1
+        if latent_frames % chunk:
+            raise ValueError(
+                f"`num_frames`={args.num_frames} gives {latent_frames} latent frames, not a multiple of the "
+                f"pipeline's chunk size {chunk}; use 1 + 4·(3k - 1) frames, e.g. 9, 21, 33 or 81."
+            )
+        num_chunks = latent_frames // chunk
+        if args.pivot_strategy == "fixed" and args.pivot_index >= num_chunks:
+            raise ValueError(f"`pivot_index`={args.pivot_index} but videos have {num_chunks} chunks.")
+        if args.pivot_strategy == "weighted" and len(args.pivot_weights) != num_chunks:
+            raise ValueError(
+                f"`pivot_weights` needs one weight per chunk ({num_chunks}), got {len(args.pivot_weights)}."
+            )
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"`reward_weights` has {len(args.reward_weights)} entries for {len(self.reward_funcs)} reward "
+                f"functions ({self.reward_func_names})."
+            )
+        if args.exploration == "sde" and args.train_steps is not None and min(args.train_steps) >= num_steps - 1:
+            raise ValueError(
+                "`exploration='sde'` trains the stochastic transitions: `train_steps` must include a step < T-1."
+            )
+        if train_dataset is not None and hasattr(train_dataset, "column_names") and train_dataset.column_names:
+            if "prompt" not in train_dataset.column_names:
+                raise ValueError(f"`train_dataset` needs a 'prompt' column; it has {train_dataset.column_names}.")
+        self.latent_shape = (
+            pipeline.transformer.config.in_channels,
+            latent_frames,
+            args.height // pipeline.vae_scale_factor_spatial,
+            args.width // pipeline.vae_scale_factor_spatial,
+        )
+        self.num_chunks = num_chunks
+        self.train_steps = list(args.train_steps) if args.train_steps is not None else list(range(num_steps))
+
+    # ---------------------------------------------------------------------------------------------- data
+
+    def _get_train_sampler(self, dataset=None) -> RepeatSampler:
+        # Each generation batch (per_device_train_batch_size · processes · accumulation unique prompts, the same
+        # order on every process) is repeated once per optimizer step that reuses it.
+        dataset = dataset if dataset is not None else self.train_dataset
+        accumulation = self.args.gradient_accumulation_steps
+        return RepeatSampler(
+            data_source=dataset,
+            mini_repeat_count=1,
+            batch_size=self.args.per_device_train_batch_size * self.accelerator.num_processes * accumulation,
+            repeat_count=self.args.num_iterations * accumulation,
+            shuffle=True,
+            seed=self.args.seed,
+        )
+
+    def get_train_dataloader(self):
+        if self.train_dataset is None:
+            raise ValueError("ARCoPOTrainer needs a `train_dataset` with a 'prompt' column to train.")
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.gradient_accumulation_steps,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _prepare_inputs(self, generation_batch: list[dict]) -> list[dict]:
+        """The groups of this microbatch: rolled out and scored once per ``num_iterations`` optimizer steps."""
+        accumulation = self.args.gradient_accumulation_steps
+        if self._buffered_inputs is None or self._step % (accumulation * self.args.num_iterations) == 0:
+            groups = self._generate_and_score(generation_batch, mode="train")
+            size = len(groups) // accumulation
+            self._buffered_inputs = [groups[i * size : (i + 1) * size] for i in range(accumulation)]
+        return self._buffered_inputs[self._step % accumulation]
+
+    # ---------------------------------------------------------------------------------------------- rollouts
+
+    def _score(self, prompts: list[str], videos: torch.Tensor, row: dict, num: int) -> torch.Tensor | None:
+        """Rewards ``[num, K]`` (float64) for ``num`` videos of one prompt, or None when a reward failed under
+        ``reward_error="skip_group"``."""
+        kwargs = {k: [v] * num for k, v in row.items() if k != "prompt"}
+        try:
+            columns = compute_rewards(
+                self.reward_funcs, prompts, videos, reward_kwargs={**kwargs, "trainer_state": self.state}
+            )
+            rewards = torch.stack(list(columns.values()), dim=1)
+            if not torch.isfinite(rewards).all():
+                bad = [name for name, values in columns.items() if not torch.isfinite(values).all()]
+                raise RewardFailure(f"reward(s) {bad} returned missing or non-finite values for {prompts[0]!r}.")
+        except (RewardFunctionError, RewardOutputError, RewardFailure) as error:
+            self._metrics["train"]["rewards/failed_groups"].append(1.0)
+            if self.args.reward_error == "raise":
+                raise RewardFailure(
+                    f"{error} Set `reward_error='skip_group'` to skip such groups instead of stopping."
+                ) from error
+            logger.warning("Skipping a rollout group: %s", error)
+            return None
+        self._metrics["train"]["rewards/failed_groups"].append(0.0)
+        return rewards
+
+    @torch.no_grad()
+    def _generate_and_score(self, rows: list[dict], mode: str) -> list[dict]:
+        args, pipeline = self.args, self.pipeline
+        weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
+        groups, all_rewards, pivots = [], [], []
+        start = time.perf_counter()
+        self.model.eval()
+        for row in rows:
+            embeds = pipeline.encode_prompt(row["prompt"])
+            pivot = sample_pivot(
+                self.num_chunks,
+                args.pivot_strategy,
+                index=args.pivot_index,
+                weights=args.pivot_weights,
+                generator=self.rollout_generator,
+            )
+            group = generate_group(
+                pipeline,
+                embeds,
+                num_generations=args.num_generations,
+                latent_shape=self.latent_shape,
+                pivot=pivot,
+                noise_sigma=args.noise_sigma,
+                exploration=args.exploration,
+                rollout_batch_size=args.rollout_batch_size,
+                generator=self.rollout_generator,
+            )
+            rewards = self._score([row["prompt"]] * args.num_generations, group.videos, row, args.num_generations)
+            valid = rewards is not None
+            if not valid:
+                rewards = torch.full((args.num_generations, len(self.reward_funcs)), float("nan"), dtype=torch.float64)
+            aggregated = copo.aggregate_rewards(rewards[None], weights, mode=args.multi_objective_aggregation)
+            advantages = copo.group_advantages(
+                aggregated,
+                normalization=args.advantage_normalization,
+                quasi_norm_p=args.quasi_norm_p,
+                clip=args.advantage_clip,
+            )[0]
+            if not valid:
+                advantages = torch.zeros_like(advantages)
+            self._maybe_log_videos(row["prompt"], group)
+            group.videos = None  # scored; keep only what the loss needs
+            groups.append({"group": group, "advantages": advantages.float(), "rewards": aggregated[0]})
+            all_rewards.append(rewards)
+            pivots.append(float(pivot))
+        self.model.train()
+        self._log_rollout_metrics(torch.stack(all_rewards), pivots, time.perf_counter() - start, groups, mode)
+        return groups
+
+    def _log_rollout_metrics(self, rewards: torch.Tensor, pivots, seconds: float, groups, mode: str) -> None:
+        """``rewards`` ``[N, G, K]``; gathered over processes (groups stay whole on one process)."""
+        metrics = self._metrics[mode]
+        device = self.accelerator.device
+        rewards = self.accelerator.gather(rewards.to(device)).cpu()
+        weights = torch.tensor(self.args.reward_weights or [1.0] * rewards.shape[-1], dtype=torch.float64)
+        total = (rewards * weights).nansum(-1)
+        metrics["reward"].append(total.nanmean().item())
+        metrics["reward_std"].append(torch.nan_to_num(total.std(dim=1)).mean().item())
+        metrics["frac_reward_zero_std"].append((total.std(dim=1) < 1e-8).float().mean().item())
+        for k, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(rewards[..., k].nanmean().item())
+            metrics[f"rewards/{name}/std"].append(torch.nan_to_num(rewards[..., k].std(dim=1)).mean().item())
+        metrics["rollout/pivot"].extend(self.accelerator.gather(torch.tensor(pivots, device=device)).tolist())
+        metrics["rollout/seconds"].append(seconds)
+        distances = [copo.mean_pairwise_distance(g["group"].predictions[-1]).item() for g in groups]
+        metrics["rollout/candidate_distance"].append(sum(distances) / len(distances))
+
+    # ---------------------------------------------------------------------------------------------- loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except RewardFailure:
+            logger.error("A reward failed with reward_error='raise': saving a checkpoint before stopping.")
+            self._save_checkpoint(model, trial=None)
+            raise
+        self._step += 1
+        self._metrics["train"]["step_time"].append(time.perf_counter() - start)
+        return loss
+
+    def compute_loss(self, model, inputs: list[dict], return_outputs: bool = False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("ARCoPOTrainer does not return outputs from compute_loss.")
+        losses = [self._group_loss(model, item) for item in inputs]
+        loss = torch.stack(losses).mean()
+        if torch.isfinite(loss):
+            self._nonfinite_losses = 0
+            self._metrics["train"]["nonfinite_loss"].append(0.0)
+            return loss
+        self._nonfinite_losses += 1
+        self._metrics["train"]["nonfinite_loss"].append(1.0)
+        logger.warning("Non-finite loss (%d in a row): skipping this update.", self._nonfinite_losses)
+        if self._nonfinite_losses >= self.args.max_consecutive_nonfinite_losses:
+            logger.error("%d non-finite losses in a row: saving a checkpoint and stopping.", self._nonfinite_losses)
+            # The Trainer saves checkpoint-{step} after this (skipped) update and stops.
+            self.control.should_save = True
+            self.control.should_training_stop = True
+        # A zero loss connected to every trainable weight keeps distributed gradient hooks in step.
+        return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+    def _group_loss(self, model, item: dict) -> torch.Tensor:
+        group: RolloutGroup = item["group"]
+        pipeline, args = self.pipeline, self.args
+        context = rebuild_context(pipeline, group.prompt_embeds, group.prefix_latents)
+        if args.exploration == "sde":
+            return self._sde_loss(model, group, item["advantages"], context)
+        num_anchors, steps = args.num_anchors, self.train_steps
+        anchors = torch.randperm(group.num_generations, generator=self.rollout_generator)[:num_anchors]
+        anchors = anchors.to(group.inputs.device)
+        x_t = group.inputs[steps][:, anchors].flatten(0, 1)  # [S·B, C, f, H, W]
+        rows = pipeline.fork(context, x_t.shape[0])
+        step_of_row = [s for s in steps for _ in range(num_anchors)]
+        with pipeline.transformer_forward(model):
+            predicted = pipeline.predict_x0(rows, x_t, step_of_row).unflatten(0, (len(steps), num_anchors))
+        candidates = group.predictions[steps]  # [S, G, C, f, H, W]
+        log_probs, old_log_probs, ref_log_probs = [], [], []
+        reference = self._reference_predictions(rows, x_t, step_of_row, len(steps), num_anchors) if args.beta else None
+        for j in range(len(steps)):
+            tau = copo.distance_temperature(candidates[j], args.distance_temperature, args.temperature_mode)
+            log_probs.append(copo.surrogate_log_probs(predicted[j], candidates[j], tau))
+            old_log_probs.append(copo.surrogate_log_probs(candidates[j][anchors], candidates[j], tau))
+            if reference is not None:
+                ref_log_probs.append(copo.surrogate_log_probs(reference[j], candidates[j], tau))
+        loss, stats = copo.copo_loss(
+            torch.stack(log_probs),
+            torch.stack(old_log_probs),
+            item["advantages"].to(predicted.device),
+            epsilon=args.epsilon,
+            epsilon_high=args.epsilon_high,
+            ref_log_probs=torch.stack(ref_log_probs) if reference is not None else None,
+            beta=args.beta,
+        )
+        self._record_loss_stats(stats)
+        return loss
+
+    @torch.no_grad()
+    def _reference_predictions(self, rows, x_t, step_of_row, num_steps: int, num_anchors: int) -> torch.Tensor:
+        transformer = self.pipeline.transformer
+        transformer.disable_adapters()
+        try:
+            return self.pipeline.predict_x0(rows, x_t, step_of_row).unflatten(0, (num_steps, num_anchors))
+        finally:
+            transformer.enable_adapters()
+
+    def _sde_loss(self, model, group: RolloutGroup, advantages: torch.Tensor, context) -> torch.Tensor:
+        """SDE-GRPO: Gaussian log-likelihood of each branch's recorded re-noise transitions of the pivot chunk."""
+        pipeline = self.pipeline
+        steps = [s for s in self.train_steps if s < len(pipeline.timesteps) - 1]
+        num = group.num_generations
+        x_t = group.inputs[steps].flatten(0, 1)
+        rows = pipeline.fork(context, x_t.shape[0])
+        with pipeline.transformer_forward(model):
+            predicted = pipeline.predict_x0(rows, x_t, [s for s in steps for _ in range(num)]).unflatten(
+                0, (len(steps), num)
+            )
+        log_probs, old_log_probs = [], []
+        for j, s in enumerate(steps):
+            sigma = pipeline.sigmas[s + 1]
+            log_probs.append(copo.gaussian_renoise_log_prob(group.inputs[s + 1], predicted[j], sigma))
+            old_log_probs.append(copo.gaussian_renoise_log_prob(group.inputs[s + 1], group.predictions[s], sigma))
+        loss, stats = copo.grpo_loss(
+            torch.stack(log_probs, dim=1),
+            torch.stack(old_log_probs, dim=1),
+            advantages.to(predicted.device),
+            epsilon=self.args.epsilon,
+            epsilon_high=self.args.epsilon_high,
+        )
+        self._record_loss_stats(stats)
+        return loss
+
+    def _record_loss_stats(self, stats: dict[str, torch.Tensor]) -> None:
+        metrics = self._metrics["train"]
+        names = {
+            "ratio_mean": "ratio/mean",
+            "ratio_min": "ratio/min",
+            "ratio_max": "ratio/max",
+            "clip_low": "clip_ratio/low_mean",
+            "clip_high": "clip_ratio/high_mean",
+            "clip_region": "clip_ratio/region_mean",
+            "kl": "kl",
+        }
+        for key, value in stats.items():
+            metrics[names[key]].append(value.item())
+
+    # ---------------------------------------------------------------------------------------------- eval
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Generate one video per evaluation prompt (fixed seeds) with the current policy and score it."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("Evaluation needs an `eval_dataset` with a 'prompt' column.")
+        start = time.perf_counter()
+        rewards = []
+        for index, row in enumerate(dataset):
+            embeds = self.pipeline.encode_prompt(row["prompt"])
+            generator = torch.Generator().manual_seed(self.args.seed + index)
+            noise = torch.randn(1, *self.latent_shape, generator=generator)
+            video = self.pipeline(prompt_embeds=embeds, latents=noise, generator=generator, output_type="pt").frames
+            scores = self._score([row["prompt"]], video, row, 1)
+            rewards.append(scores if scores is not None else torch.full((1, len(self.reward_funcs)), float("nan")))
+        rewards = torch.cat(rewards).double()
+        weights = torch.tensor(self.args.reward_weights or [1.0] * rewards.shape[-1], dtype=torch.float64)
+        rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
+        metrics = {f"{metric_key_prefix}_reward": (rewards * weights).nansum(-1).nanmean().item()}
+        for k, name in enumerate(self.reward_func_names):
+            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = rewards[:, k].nanmean().item()
+        metrics[f"{metric_key_prefix}_runtime"] = time.perf_counter() - start
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ---------------------------------------------------------------------------------------------- logging
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        if mode == "train" or not any(k.startswith("eval_") for k in logs):
+            averaged = {}
+            for key, values in self._metrics[mode].items():
+                finite = [v for v in values if not math.isnan(v)]
+                averaged[key] = sum(finite) / len(finite) if finite else None
+            if mode == "eval":
+                averaged = {f"eval_{k}": v for k, v in averaged.items()}
+            logs = {**logs, **averaged}
+            self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def _maybe_log_videos(self, prompt: str, group: RolloutGroup) -> None:
+        every = self.args.log_videos_steps
+        if not every or self.state.global_step % every or not self.accelerator.is_main_process:
+            return
+        from .utils.videos import log_videos
+
+        log_videos(
+            group.videos[: self.args.num_videos_to_log],
+            prompt,
+            step=self.state.global_step,
+            output_dir=self.args.output_dir,
+            report_to=self.args.report_to,
+            fps=self.args.video_fps,
+        )
+
+    # ---------------------------------------------------------------------------------------------- saving
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write only the adapter: diffusers LoRA (``pytorch_lora_weights.safetensors``, loadable with
+        ``pipe.load_lora_weights``), the PEFT adapter, and the training arguments as JSON (no pickle)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        transformer = self.accelerator.unwrap_model(self.model)
+        name = self.args.adapter_name
+        lora_state = get_peft_model_state_dict(transformer, adapter_name=name)
+        peft_config = transformer.peft_config[name]
+        CausalWanPipeline.save_lora_weights(
+            output_dir, transformer_lora_layers=lora_state, transformer_lora_adapter_metadata=peft_config.to_dict()
+        )
+        peft_config.save_pretrained(output_dir)
+        save_file(
+            {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in lora_state.items()},
+            os.path.join(output_dir, "adapter_model.safetensors"),
+        )
+        Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save and not _internal_call:
+            self.create_model_card(output_dir=output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        checkpoint = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        self._save_trainer_state(checkpoint)
+
+    def _save_trainer_state(self, checkpoint: str) -> None:
+        """Rollout RNG, step counter and the buffered rollouts (so a resume continues exactly), one file pair per
+        process, safetensors + JSON only."""
+        rank = self.accelerator.process_index
+        tensors = {"rollout_generator": self.rollout_generator.get_state()}
+        meta: dict[str, Any] = {"step": self._step, "nonfinite_losses": self._nonfinite_losses, "groups": []}
+        for i, microbatch in enumerate(self._buffered_inputs or []):
+            for j, item in enumerate(microbatch):
+                group: RolloutGroup = item["group"]
+                key = f"{i}.{j}"
+                for field_name in ("prompt_embeds", "prefix_latents", "inputs", "predictions", "noise", "latents"):
+                    tensors[f"{key}.{field_name}"] = getattr(group, field_name).detach().cpu().contiguous()
+                tensors[f"{key}.advantages"] = item["advantages"].cpu()
+                tensors[f"{key}.rewards"] = item["rewards"].cpu()
+                meta["groups"].append({"key": key, "pivot": group.pivot, "exploration": group.exploration})
+        meta["microbatches"] = len(self._buffered_inputs or [])
+        os.makedirs(checkpoint, exist_ok=True)
+        save_file(tensors, os.path.join(checkpoint, f"rank{rank}_{_TENSORS_FILE}"))
+        Path(checkpoint, f"rank{rank}_{_STATE_FILE}").write_text(json.dumps(meta))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        lora_file = os.path.join(resume_from_checkpoint, _LORA_FILE)
+        if not os.path.isfile(lora_file):
+            raise ValueError(f"{resume_from_checkpoint} has no {_LORA_FILE}: not an ARCoPOTrainer checkpoint.")
+        transformer = self.accelerator.unwrap_model(model if model is not None else self.model)
+        state = {k.removeprefix("transformer."): v for k, v in load_file(lora_file).items()}
+        result = set_peft_model_state_dict(transformer, state, adapter_name=self.args.adapter_name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"Checkpoint LoRA has keys the adapter does not: {unexpected[:10]}")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        rank = self.accelerator.process_index
+        meta_file = Path(checkpoint, f"rank{rank}_{_STATE_FILE}")
+        if not meta_file.is_file():
+            logger.warning("%s has no AR-CoPO state: rollouts restart from a fresh generator.", checkpoint)
+            return
+        meta = json.loads(meta_file.read_text())
+        tensors = load_file(os.path.join(checkpoint, f"rank{rank}_{_TENSORS_FILE}"))
+        self.rollout_generator.set_state(tensors["rollout_generator"])
+        self._step, self._nonfinite_losses = meta["step"], meta["nonfinite_losses"]
+        device = self.accelerator.device
+        buffered = [[] for _ in range(meta["microbatches"])]
+        for entry in meta["groups"]:
+            key = entry["key"]
+            fields = {
+                f: tensors[f"{key}.{f}"].to(device)
+                for f in ("prompt_embeds", "prefix_latents", "inputs", "predictions", "noise", "latents")
+            }
+            group = RolloutGroup(**fields, pivot=entry["pivot"], videos=None, exploration=entry["exploration"])
+            item = {"group": group, "advantages": tensors[f"{key}.advantages"], "rewards": tensors[f"{key}.rewards"]}
+            buffered[int(key.split(".")[0])].append(item)
+        self._buffered_inputs = buffered or None
+
+    # ---------------------------------------------------------------------------------------------- model card
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Write ``README.md`` (diffusers LoRA card: base model, tags, quickstart, AR-CoPO citation)."""
+        if not self.is_world_process_zero():
+            return
+        output_dir = output_dir or self.args.output_dir
+        base_model = getattr(self.pipeline, "generator_id", None) or self.pipeline.name_or_path or None
+        if base_model and os.path.isdir(base_model):
+            base_model = None
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        card_data = ModelCardData(
+            base_model=base_model,
+            datasets=dataset_name,
+            library_name="diffusers",
+            model_name=model_name or Path(output_dir).name,
+            pipeline_tag="text-to-video",
+            tags=sorted({*self._tag_names, "generated_from_trainer", *tags}),
+        )
+        template = Path(__file__).parent / "templates" / "arcopo_model_card.md"
+        repo_id = self.args.hub_model_id or Path(output_dir).name
+        card = ModelCard.from_template(
+            card_data,
+            template_path=str(template),
+            repo_id=repo_id,
+            base_model_id=base_model or "<base pipeline>",
+            rewards=", ".join(self.reward_func_names),
+            method=self.args.exploration,
+            citation=_CITATION,
+            num_generations=self.args.num_generations,
+            noise_sigma=self.args.noise_sigma,
+            learning_rate=self.args.learning_rate,
+            lora_r=self.args.lora_r,
+            lora_alpha=self.args.lora_alpha,
+        )
+        card.save(os.path.join(output_dir, "README.md"))
