@@ -1,0 +1,43 @@
+"""A tiny AR-CoPO run, launched by tests as a separate (possibly multi-process) job: `accelerate launch ... <output_dir>`."""
+
+import json
+import sys
+
+import torch
+from datasets import Dataset
+
+from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
+from trl_arcopo.testing import tiny_causal_wan_pipeline
+
+output_dir = sys.argv[1]
+args = ARCoPOConfig(
+    output_dir=output_dir,
+    num_frames=21,
+    height=32,
+    width=32,
+    num_generations=4,
+    num_anchors=2,
+    lora_r=4,
+    lora_alpha=8,
+    learning_rate=1e-2,
+    max_steps=4,
+    report_to="none",
+    save_strategy="no",
+    disable_tqdm=True,
+)
+prompts = Dataset.from_dict({"prompt": ["a red car", "a blue sea", "a cat", "a dog"]})
+trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), "brightness", args=args, train_dataset=prompts)
+trainer.train()
+trainer.save_model()
+state = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+lora_sum = sum(v.double().sum().item() for k, v in state.items() if "lora" in k)
+result = {
+    "rank": trainer.accelerator.process_index,
+    "world": trainer.accelerator.num_processes,
+    "lora_sum": lora_sum,
+    "rewards": [h["reward"] for h in trainer.state.log_history if "reward" in h],
+    "pivots": [h["rollout/pivot"] for h in trainer.state.log_history if "rollout/pivot" in h],
+}
+with open(f"{output_dir}/rank{result['rank']}.json", "w") as f:
+    json.dump(result, f)
+torch.distributed.barrier() if torch.distributed.is_initialized() else None
