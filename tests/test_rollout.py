@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from trl_arcopo.copo import fork_noise
-from trl_arcopo.rollout import generate_group, rebuild_context, sample_pivot
+from trl_arcopo.rollout import GroupNoise, generate_group, rebuild_context, sample_pivot
 from trl_arcopo.testing import tiny_causal_wan_pipeline
 
 LATENT_SHAPE = (16, 12, 4, 4)  # 4 chunks of 3 latent frames, 32x32 pixels
@@ -13,21 +12,6 @@ LATENT_SHAPE = (16, 12, 4, 4)  # 4 chunks of 3 latent frames, 32x32 pixels
 @pytest.fixture(scope="module")
 def pipe():
     return tiny_causal_wan_pipeline()
-
-
-def _replay_noise(seed, pivot, num_generations, sigma, exploration, num_chunks=4, num_draws=3):
-    """Re-draw the group's randomness in the documented order to build each branch's full noise independently."""
-    g = torch.Generator().manual_seed(seed)
-    shared = torch.randn(1, 16, 12, 4, 4, generator=g)
-    draws = [[torch.randn(1, 16, 3, 4, 4, generator=g) for _ in range(num_draws)] for _ in range(num_chunks)]
-    if exploration == "fork":
-        delta = torch.randn(num_generations, 16, 3, 4, 4, generator=g)
-        pivot_noise = fork_noise(shared[:, :, 3 * pivot : 3 * pivot + 3], delta, sigma)
-        pivot_draws = [d.expand(num_generations, -1, -1, -1, -1) for d in draws[pivot]]
-    else:
-        pivot_noise = shared[:, :, 3 * pivot : 3 * pivot + 3].expand(num_generations, -1, -1, -1, -1)
-        pivot_draws = [torch.randn(num_generations, 16, 3, 4, 4, generator=g) for _ in range(num_draws)]
-    return shared, draws, pivot_noise, pivot_draws
 
 
 @pytest.mark.parametrize(("pivot", "exploration", "batch"), [(0, "fork", None), (2, "fork", 3), (3, "sde", 2)])
@@ -48,14 +32,20 @@ def test_group_branches_equal_independent_rollouts(pipe, pivot, exploration, bat
     assert group.prefix_latents.shape == (1, 16, 3 * pivot, 4, 4)
     assert group.videos.shape == (5, 45, 3, 32, 32)
 
-    shared, draws, pivot_noise, pivot_draws = _replay_noise(3, pivot, 5, 0.5, exploration)
+    noise = GroupNoise.draw(
+        num_generations=5,
+        latent_shape=LATENT_SHAPE,
+        chunk_frames=3,
+        num_steps=4,
+        pivot=pivot,
+        noise_sigma=0.5,
+        exploration=exploration,
+        generator=torch.Generator().manual_seed(3),
+    )
     for i in range(5):
-        noise = shared.clone()
-        noise[:, :, 3 * pivot : 3 * pivot + 3] = pivot_noise[i : i + 1]
-        step_noise = {(c, s): draws[c][s] for c in range(4) for s in range(3)}
-        step_noise.update({(pivot, s): pivot_draws[s][i : i + 1] for s in range(3)})
+        latents, step_noise = noise.branch(i)
         out = pipe(
-            prompt_embeds=embeds, latents=noise, step_noise=step_noise, output_type="latent", return_trajectory=True
+            prompt_embeds=embeds, latents=latents, step_noise=step_noise, output_type="latent", return_trajectory=True
         )
         torch.testing.assert_close(group.latents[i : i + 1], out.frames, atol=1e-5, rtol=0)
         torch.testing.assert_close(group.predictions[:, i], out.trajectory[pivot].predictions[:, 0], atol=1e-5, rtol=0)

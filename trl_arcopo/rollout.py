@@ -14,7 +14,7 @@ import torch
 from .copo import fork_noise
 from .pipelines.causal_wan import CausalGenerationState, CausalWanPipeline
 
-__all__ = ["RolloutGroup", "generate_group", "rebuild_context", "sample_pivot"]
+__all__ = ["GroupNoise", "RolloutGroup", "generate_group", "rebuild_context", "sample_pivot"]
 
 EXPLORATIONS = ("fork", "sde")
 
@@ -78,6 +78,72 @@ def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torc
     return torch.randn(*shape, generator=generator).to(device)
 
 
+@dataclass
+class GroupNoise:
+    """All randomness of one rollout group (METHOD.md §3 step 1 and the fork of step 4).
+
+    Attributes:
+        initial: ``[1, C, F, H, W]`` shared initial noise ``ε*`` of every chunk.
+        draws: ``[L, T-1, 1, C, f, H, W]`` shared re-noise draws ``η_{c,s}``.
+        pivot_initial: ``[G, C, f, H, W]`` each branch's pivot-chunk noise (``sqrt(1-σ²)·ε*_p + σ·δ`` for
+            ``"fork"``, ``ε*_p`` for ``"sde"``).
+        pivot_draws: ``[T-1, G, C, f, H, W]`` each branch's re-noise draws of the pivot chunk (shared for ``"fork"``,
+            independent for ``"sde"``).
+        pivot: the forked chunk.
+    """
+
+    initial: torch.Tensor
+    draws: torch.Tensor
+    pivot_initial: torch.Tensor
+    pivot_draws: torch.Tensor
+    pivot: int
+
+    @classmethod
+    def draw(
+        cls,
+        *,
+        num_generations: int,
+        latent_shape: tuple[int, int, int, int],
+        chunk_frames: int,
+        num_steps: int,
+        pivot: int,
+        noise_sigma: float = 0.5,
+        exploration: str = "fork",
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> GroupNoise:
+        """Draw the group's noise from ``generator`` in a fixed order (shared noise, shared draws, branch noise)."""
+        if exploration not in EXPLORATIONS:
+            raise ValueError(f"Unknown `exploration` {exploration!r}: use one of {EXPLORATIONS}.")
+        channels, frames, height, width = latent_shape
+        num_chunks = frames // chunk_frames
+        if frames % chunk_frames or not 0 <= pivot < num_chunks:
+            raise ValueError(f"`pivot`={pivot} must index one of the {num_chunks} chunks of {frames} latent frames.")
+        chunk_shape = (channels, chunk_frames, height, width)
+        initial = _randn((1, channels, frames, height, width), generator, device)
+        draws = _randn((num_chunks, num_steps - 1, 1, *chunk_shape), generator, device)
+        base = initial[:, :, pivot * chunk_frames : (pivot + 1) * chunk_frames]
+        if exploration == "fork":
+            pivot_initial = fork_noise(base, _randn((num_generations, *chunk_shape), generator, device), noise_sigma)
+            pivot_draws = draws[pivot].expand(-1, num_generations, -1, -1, -1, -1)
+        else:
+            pivot_initial = base.expand(num_generations, -1, -1, -1, -1)
+            pivot_draws = _randn((num_steps - 1, num_generations, *chunk_shape), generator, device)
+        return cls(initial, draws, pivot_initial, pivot_draws, pivot)
+
+    def branch(self, index: int) -> tuple[torch.Tensor, dict[tuple[int, int], torch.Tensor]]:
+        """Branch ``index`` as the inputs of one independent pipeline call: ``(latents [1, C, F, H, W],
+        step_noise {(chunk, step): η})``. Generating it alone gives the same video as inside the group."""
+        chunk = self.pivot_initial.shape[2]
+        latents = self.initial.clone()
+        latents[:, :, self.pivot * chunk : (self.pivot + 1) * chunk] = self.pivot_initial[index : index + 1]
+        step_noise = {(c, s): self.draws[c, s] for c in range(self.draws.shape[0]) for s in range(self.draws.shape[1])}
+        step_noise.update(
+            {(self.pivot, s): self.pivot_draws[s, index : index + 1] for s in range(self.draws.shape[1])}
+        )
+        return latents, step_noise
+
+
 @torch.no_grad()
 def rebuild_context(
     pipeline: CausalWanPipeline, prompt_embeds: torch.Tensor, prefix_latents: torch.Tensor
@@ -103,47 +169,45 @@ def generate_group(
     exploration: str = "fork",
     rollout_batch_size: int | None = None,
     generator: torch.Generator | None = None,
+    noise: GroupNoise | None = None,
     decode: bool = True,
 ) -> RolloutGroup:
     """Roll out one group of ``num_generations`` videos for one prompt (METHOD.md §3).
 
-    One set of shared randomness is drawn: the initial noise ``ε*_c`` of every chunk and every re-noise draw
-    ``η_{c,s}``. Chunks before ``pivot`` are generated once; the state is then forked into branches whose pivot chunk
-    starts from ``sqrt(1-σ²)·ε*_p + σ·δ^(i)`` (``"fork"``), or from ``ε*_p`` with independent re-noise draws of the
-    pivot chunk (``"sde"``, the SDE-GRPO baseline). Later chunks reuse the shared noise, so branches differ only
-    through the pivot chunk. Branches run ``rollout_batch_size`` at a time (all at once by default).
+    One set of shared randomness (:class:`GroupNoise`, drawn from ``generator`` unless ``noise`` is given) holds the
+    initial noise ``ε*_c`` of every chunk and every re-noise draw ``η_{c,s}``. Chunks before ``pivot`` are generated
+    once; the state is then forked into branches whose pivot chunk starts from ``sqrt(1-σ²)·ε*_p + σ·δ^(i)``
+    (``"fork"``), or from ``ε*_p`` with independent re-noise draws of the pivot chunk (``"sde"``, the SDE-GRPO
+    baseline). Later chunks reuse the shared noise, so branches differ only through the pivot chunk. Branches run
+    ``rollout_batch_size`` at a time (all at once by default).
 
     Args:
         prompt_embeds: ``[1, text_tokens, text_dim]``.
         latent_shape: ``(C, F, H, W)`` of one latent video; ``F`` a multiple of the chunk size.
     """
-    if exploration not in EXPLORATIONS:
-        raise ValueError(f"Unknown `exploration` {exploration!r}: use one of {EXPLORATIONS}.")
     if prompt_embeds.shape[0] != 1:
         raise ValueError(
             f"A rollout group is one prompt: `prompt_embeds` must have batch 1, got {prompt_embeds.shape[0]}."
         )
-    channels, frames, height, width = latent_shape
     chunk = pipeline.config.num_frame_per_block
-    num_chunks, num_draws = frames // chunk, len(pipeline.timesteps) - 1
-    if frames % chunk or not 0 <= pivot < num_chunks:
-        raise ValueError(f"`pivot`={pivot} must index one of the {num_chunks} chunks of {frames} latent frames.")
-    device = pipeline._execution_device
-    chunk_shape = (1, channels, chunk, height, width)
-    shared_noise = _randn((1, channels, frames, height, width), generator, device)
-    shared_draws = [[_randn(chunk_shape, generator, device) for _ in range(num_draws)] for _ in range(num_chunks)]
-    if exploration == "fork":
-        delta = _randn((num_generations, *chunk_shape[1:]), generator, device)
-        pivot_noise = fork_noise(shared_noise[:, :, pivot * chunk : (pivot + 1) * chunk], delta, noise_sigma)
-        pivot_draws = [d.expand(num_generations, -1, -1, -1, -1) for d in shared_draws[pivot]]
-    else:
-        pivot_noise = shared_noise[:, :, pivot * chunk : (pivot + 1) * chunk].expand(num_generations, -1, -1, -1, -1)
-        pivot_draws = [_randn((num_generations, *chunk_shape[1:]), generator, device) for _ in range(num_draws)]
+    if noise is None:
+        noise = GroupNoise.draw(
+            num_generations=num_generations,
+            latent_shape=latent_shape,
+            chunk_frames=chunk,
+            num_steps=len(pipeline.timesteps),
+            pivot=pivot,
+            noise_sigma=noise_sigma,
+            exploration=exploration,
+            generator=generator,
+            device=pipeline._execution_device,
+        )
+    num_chunks = latent_shape[1] // chunk
 
     prefix = pipeline.init_state(prompt_embeds)
     for c in range(pivot):
         record = pipeline.denoise_chunk(
-            prefix, shared_noise[:, :, c * chunk : (c + 1) * chunk], step_noise=shared_draws[c]
+            prefix, noise.initial[:, :, c * chunk : (c + 1) * chunk], step_noise=noise.draws[c]
         )
         pipeline.commit_chunk(prefix, record.latents)
 
@@ -153,13 +217,12 @@ def generate_group(
         rows = slice(start, min(start + batch, num_generations))
         n = rows.stop - rows.start
         state = pipeline.fork(prefix, n)
-        record = pipeline.denoise_chunk(state, pivot_noise[rows], step_noise=[d[rows] for d in pivot_draws])
+        record = pipeline.denoise_chunk(state, noise.pivot_initial[rows], step_noise=noise.pivot_draws[:, rows])
         records.append(record)
         pipeline.commit_chunk(state, record.latents, update_cache=pivot < num_chunks - 1)
         for c in range(pivot + 1, num_chunks):
-            noise = shared_noise[:, :, c * chunk : (c + 1) * chunk].expand(n, -1, -1, -1, -1)
-            draws = [d.expand(n, -1, -1, -1, -1) for d in shared_draws[c]]
-            done = pipeline.denoise_chunk(state, noise, step_noise=draws)
+            initial = noise.initial[:, :, c * chunk : (c + 1) * chunk].expand(n, -1, -1, -1, -1)
+            done = pipeline.denoise_chunk(state, initial, step_noise=noise.draws[c].expand(-1, n, -1, -1, -1, -1))
             pipeline.commit_chunk(state, done.latents, update_cache=c < num_chunks - 1)
         latents.append(state.latents)
 
@@ -172,7 +235,7 @@ def generate_group(
     return RolloutGroup(
         prompt_embeds=prompt_embeds,
         pivot=pivot,
-        prefix_latents=prefix.latents if pivot > 0 else shared_noise[:, :, :0],
+        prefix_latents=prefix.latents if pivot > 0 else noise.initial[:, :, :0],
         inputs=torch.cat([r.inputs for r in records], dim=1),
         predictions=torch.cat([r.predictions for r in records], dim=1),
         noise=torch.cat([r.noise for r in records], dim=1),
