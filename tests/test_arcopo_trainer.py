@@ -314,3 +314,16 @@ def test_bad_trainer_input(tmp_path, kwargs, message):
     arguments["args"] = _config(tmp_path, **kwargs.get("args", {}))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         ARCoPOTrainer(tiny_causal_wan_pipeline(), **arguments)
+
+
+def test_model_given_as_a_path_and_sample_videos_logged(tmp_path):
+    tiny_causal_wan_pipeline().save_pretrained(tmp_path / "pipeline")
+    args = _config(
+        tmp_path / "out", max_steps=2, log_videos_steps=1, num_videos_to_log=2, model_init_kwargs={"dtype": "float32"}
+    )
+    trainer = ARCoPOTrainer(str(tmp_path / "pipeline"), "brightness", args=args, train_dataset=PROMPTS)
+    assert trainer.pipeline.transformer.dtype == torch.float32
+    trainer.train()
+    samples = sorted((tmp_path / "out" / "samples").rglob("sample-*"))
+    assert [p.parent.name for p in samples] == ["step-0", "step-0"]  # one rollout in 2 steps (num_iterations=2)
+    assert all(p.stat().st_size > 0 for p in samples)
