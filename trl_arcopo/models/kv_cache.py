@@ -330,12 +330,16 @@ def _attention(attn: nn.Module, query, key, value, attention_mask=None) -> torch
     return attn.to_out[1](attn.to_out[0](out))
 
 
-class CausalWanSelfAttnProcessor:
-    """Self-attention processor of ``blocks[layer].attn1`` that reads/writes the runtime's KV cache."""
+class _RuntimeProcessor:
+    """An attention processor of block ``layer`` that reads the shared :class:`CausalAttentionRuntime`."""
 
     def __init__(self, runtime: CausalAttentionRuntime, layer: int) -> None:
         self.runtime = runtime
         self.layer = layer
+
+
+class CausalWanSelfAttnProcessor(_RuntimeProcessor):
+    """Self-attention processor of ``blocks[layer].attn1`` that reads/writes the runtime's KV cache."""
 
     def __call__(
         self,
@@ -365,12 +369,8 @@ class CausalWanSelfAttnProcessor:
         return _attention(attn, query, key, value, attention_mask)
 
 
-class CausalWanCrossAttnProcessor:
+class CausalWanCrossAttnProcessor(_RuntimeProcessor):
     """Cross-attention processor of ``blocks[layer].attn2`` that can reuse per-video text keys/values."""
-
-    def __init__(self, runtime: CausalAttentionRuntime, layer: int) -> None:
-        self.runtime = runtime
-        self.layer = layer
 
     def __call__(
         self,
