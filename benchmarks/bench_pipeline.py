@@ -23,7 +23,7 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from trl_arcopo import CausalWanPipeline
-from trl_arcopo.models.self_forcing import WAN_1_3B_CONFIG
+from trl_arcopo.models.self_forcing import WAN_1_3B_CONFIG, cast_transformer
 from trl_arcopo.pipelines.sampler import predict_x0, renoise
 
 # name: (transformer overrides of the 1.3B config, latent frames, latent height, latent width, text tokens)
@@ -50,12 +50,7 @@ def build(size: str, device: str, dtype: torch.dtype) -> tuple[CausalWanPipeline
     overrides, frames, height, width, text_tokens = SIZES[size]
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(**{**WAN_1_3B_CONFIG, **overrides})
-    if dtype != torch.float32:
-        # Cast like from_pretrained(dtype=...) does: fp32-sensitive modules stay float32.
-        keep = WanTransformer3DModel._keep_in_fp32_modules
-        for name, param in transformer.named_parameters():
-            if not any(k in name.split(".") for k in keep):
-                param.data = param.data.to(dtype)
+    cast_transformer(transformer, dtype)
     pipe = CausalWanPipeline(None, None, None, transformer.eval()).to(device)
     return pipe, (frames, height, width, text_tokens)
 

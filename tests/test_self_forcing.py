@@ -358,3 +358,13 @@ def test_populate_hub_cache_round_trip(tmp_path: Path, hf_cache: Path) -> None:
     assert dataset.parent.parent.name == "datasets--org--round-trip"
     path = hf_hub_download("org/round-trip", "config.json", repo_type="dataset", cache_dir=hf_cache)
     assert json.loads(Path(path).read_text()) == {"a": 1}
+
+
+def test_cast_transformer_keeps_fp32_modules() -> None:
+    from trl_arcopo.models.self_forcing import cast_transformer
+
+    model = cast_transformer(tiny_components()["transformer"], torch.bfloat16)
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert model.scale_shift_table.dtype == torch.float32
+    assert model.blocks[0].norm2.weight.dtype == torch.float32
+    assert model.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32

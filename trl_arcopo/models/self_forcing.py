@@ -277,9 +277,19 @@ def _check_keys(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], 
     )
 
 
-def _keeps_fp32(name: str) -> bool:
+def keeps_fp32(name: str) -> bool:
+    """Whether state-dict entry ``name`` belongs to a module diffusers keeps in float32 (rope, time_embedder,
+    scale_shift_table, norm1/2/3) whatever the model's dtype."""
     keep = WanTransformer3DModel._keep_in_fp32_modules or []
     return any(module in name.split(".") for module in keep)
+
+
+def cast_transformer(model: WanTransformer3DModel, dtype: torch.dtype) -> WanTransformer3DModel:
+    """Cast a ``WanTransformer3DModel``'s parameters to ``dtype`` in place as ``from_pretrained(dtype=...)`` does:
+    the fp32-sensitive modules stay float32 (``model.to(bfloat16)`` would cast them too)."""
+    for name, parameter in model.named_parameters():
+        parameter.data = parameter.data.to(torch.float32 if keeps_fp32(name) else dtype)
+    return model
 
 
 def load_self_forcing_transformer(
@@ -366,6 +376,6 @@ def load_self_forcing_transformer(
     # the tensors as the parameters.
     for key in list(state_dict):
         tensor = state_dict.pop(key)
-        state_dict[key] = tensor.to(dtype=torch.float32 if _keeps_fp32(key) else dtype, copy=True)
+        state_dict[key] = tensor.to(dtype=torch.float32 if keeps_fp32(key) else dtype, copy=True)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
