@@ -327,3 +327,20 @@ def test_model_given_as_a_path_and_sample_videos_logged(tmp_path):
     samples = sorted((tmp_path / "out" / "samples").rglob("sample-*"))
     assert [p.parent.name for p in samples] == ["step-0", "step-0"]  # one rollout in 2 steps (num_iterations=2)
     assert all(p.stat().st_size > 0 for p in samples)
+
+
+def test_evaluation_during_training_keeps_train_and_eval_metrics_apart(tmp_path):
+    args = _config(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1)
+    trainer = ARCoPOTrainer(
+        tiny_causal_wan_pipeline(),
+        "brightness",
+        args=args,
+        train_dataset=PROMPTS,
+        eval_dataset=PROMPTS.select(range(1)),
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_reward" in h]
+    trains = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(evals) == 2 and len(trains) == 2
+    assert all("ratio/mean" not in h and "eval_rewards/failed_groups" in h for h in evals)
+    assert "ratio/mean" in trains[0] and "reward" in trains[0]

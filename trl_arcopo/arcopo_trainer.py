@@ -269,7 +269,9 @@ class ARCoPOTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------------------- rollouts
 
-    def _score(self, prompts: list[str], videos: torch.Tensor, row: dict, num: int) -> torch.Tensor | None:
+    def _score(
+        self, prompts: list[str], videos: torch.Tensor, row: dict, num: int, mode: str = "train"
+    ) -> torch.Tensor | None:
         """Rewards ``[num, K]`` (float64) for ``num`` videos of one prompt, or None when a reward failed under
         ``reward_error="skip_group"``."""
         kwargs = {k: [v] * num for k, v in row.items() if k != "prompt"}
@@ -282,14 +284,14 @@ class ARCoPOTrainer(Trainer):
                 bad = [name for name, values in columns.items() if not torch.isfinite(values).all()]
                 raise RewardFailure(f"reward(s) {bad} returned missing or non-finite values for {prompts[0]!r}.")
         except (RewardFunctionError, RewardOutputError, RewardFailure) as error:
-            self._metrics["train"]["rewards/failed_groups"].append(1.0)
+            self._metrics[mode]["rewards/failed_groups"].append(1.0)
             if self.args.reward_error == "raise":
                 raise RewardFailure(
                     f"{error} Set `reward_error='skip_group'` to skip such groups instead of stopping."
                 ) from error
             logger.warning("Skipping a rollout group: %s", error)
             return None
-        self._metrics["train"]["rewards/failed_groups"].append(0.0)
+        self._metrics[mode]["rewards/failed_groups"].append(0.0)
         return rewards
 
     @torch.no_grad()
@@ -319,7 +321,9 @@ class ARCoPOTrainer(Trainer):
                 rollout_batch_size=args.rollout_batch_size,
                 generator=self.rollout_generator,
             )
-            rewards = self._score([row["prompt"]] * args.num_generations, group.videos, row, args.num_generations)
+            rewards = self._score(
+                [row["prompt"]] * args.num_generations, group.videos, row, args.num_generations, mode
+            )
             valid = rewards is not None
             if not valid:
                 rewards = torch.full((args.num_generations, len(self.reward_funcs)), float("nan"), dtype=torch.float64)
@@ -492,7 +496,7 @@ class ARCoPOTrainer(Trainer):
             generator = torch.Generator().manual_seed(self.args.seed + index)
             noise = torch.randn(1, *self.latent_shape, generator=generator)
             video = self.pipeline(prompt_embeds=embeds, latents=noise, generator=generator, output_type="pt").frames
-            scores = self._score([row["prompt"]], video, row, 1)
+            scores = self._score([row["prompt"]], video, row, 1, mode="eval")
             rewards.append(scores if scores is not None else torch.full((1, len(self.reward_funcs)), float("nan")))
         rewards = torch.cat(rewards).double()
         weights = torch.tensor(self.args.reward_weights or [1.0] * rewards.shape[-1], dtype=torch.float64)
@@ -508,17 +512,15 @@ class ARCoPOTrainer(Trainer):
     # ---------------------------------------------------------------------------------------------- logging
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        if mode == "train" or not any(k.startswith("eval_") for k in logs):
-            averaged = {}
-            for key, values in self._metrics[mode].items():
-                finite = [v for v in values if not math.isnan(v)]
-                averaged[key] = sum(finite) / len(finite) if finite else None
-            if mode == "eval":
-                averaged = {f"eval_{k}": v for k, v in averaged.items()}
-            logs = {**logs, **averaged}
-            self._metrics[mode].clear()
-        super().log(logs, start_time)
+        """Add the averaged AR-CoPO metrics collected since the last log (NaN-free means; ``eval_`` prefixed for
+        evaluation logs) and hand over to ``Trainer.log`` (trackers, history)."""
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        averaged = {}
+        for key, values in self._metrics[mode].items():
+            finite = [v for v in values if not math.isnan(v)]
+            averaged[f"eval_{key}" if mode == "eval" else key] = sum(finite) / len(finite) if finite else None
+        self._metrics[mode].clear()
+        super().log({**logs, **averaged}, start_time)
 
     def _maybe_log_videos(self, prompt: str, group: RolloutGroup) -> None:
         every = self.args.log_videos_steps
