@@ -21,6 +21,7 @@ from datasets import Dataset, load_dataset
 from trl import TrlParser
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, CausalWanPipeline
+from trl_arcopo.testing import TINY_TRAINING_ARGS, tiny_causal_wan_pipeline
 
 TINY_PROMPTS = [
     "a red car driving on a road at night",
@@ -34,20 +35,11 @@ TINY_PROMPTS = [
 # Defaults of each preset (flags and YAML keys override them).
 PRESETS: dict[str, dict] = {
     "tiny": {
+        **TINY_TRAINING_ARGS,
         "output_dir": "outputs/arcopo-tiny",
-        "num_frames": 21,
-        "height": 32,
-        "width": 32,
-        "num_generations": 8,
-        "num_anchors": 4,
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "learning_rate": 1e-2,
-        "lr_scheduler_type": "constant",
         "max_steps": 60,
         "save_steps": 20,
         "log_videos_steps": 30,
-        "report_to": "none",
         "reward_funcs": ["brightness"],
     },
     "self-forcing": {
@@ -137,8 +129,6 @@ def load_model(script_args: ScriptArguments, config: ARCoPOConfig) -> CausalWanP
     if script_args.model:
         return script_args.model
     if script_args.preset == "tiny":
-        from trl_arcopo.testing import tiny_causal_wan_pipeline
-
         return tiny_causal_wan_pipeline()
     dtype = getattr(torch, (config.model_init_kwargs or {}).get("dtype", "bfloat16"))
     return CausalWanPipeline.from_self_forcing(

@@ -13,29 +13,14 @@ from safetensors.torch import load_file
 from trl_arcopo import copo
 from trl_arcopo.arcopo_config import ARCoPOConfig
 from trl_arcopo.arcopo_trainer import ARCoPOTrainer, RewardFailure
-from trl_arcopo.testing import tiny_causal_wan_pipeline
+from trl_arcopo.testing import TINY_TRAINING_ARGS, tiny_causal_wan_pipeline
 
 transformers.logging.set_verbosity_error()
 PROMPTS = Dataset.from_dict({"prompt": ["a red car", "a blue sea", "a cat", "a dog"]})
 
 
 def _config(tmp_path, **overrides) -> ARCoPOConfig:
-    defaults = {
-        "num_frames": 21,
-        "height": 32,
-        "width": 32,
-        "num_generations": 8,
-        "num_anchors": 4,
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "learning_rate": 1e-2,
-        "lr_scheduler_type": "constant",
-        "max_steps": 4,
-        "report_to": "none",
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "seed": 1,
-    }
+    defaults = {**TINY_TRAINING_ARGS, "max_steps": 4, "save_strategy": "no", "disable_tqdm": True, "seed": 1}
     return ARCoPOConfig(output_dir=str(tmp_path), **{**defaults, **overrides})
 
 

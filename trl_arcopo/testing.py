@@ -217,6 +217,22 @@ def populate_hub_cache(
     return snapshot
 
 
+# ARCoPOConfig settings that make AR-CoPO learn on `tiny_causal_wan_pipeline` (2 chunks of 32x32 pixels): the tiny
+# preset of the examples and the base of the trainer tests.
+TINY_TRAINING_ARGS: dict[str, Any] = {
+    "num_frames": 21,
+    "height": 32,
+    "width": 32,
+    "num_generations": 8,
+    "num_anchors": 4,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "learning_rate": 1e-2,
+    "lr_scheduler_type": "constant",
+    "report_to": "none",
+}
+
+
 def tiny_causal_wan_pipeline(seed: int = 0, **overrides: Any):
     """A tiny, offline, float32 `CausalWanPipeline` (the embedded default of the demo and of the tests).
 

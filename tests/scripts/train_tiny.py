@@ -7,21 +7,13 @@ import torch
 from datasets import Dataset
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
-from trl_arcopo.testing import tiny_causal_wan_pipeline
+from trl_arcopo.testing import TINY_TRAINING_ARGS, tiny_causal_wan_pipeline
 
 output_dir = sys.argv[1]
 args = ARCoPOConfig(
     output_dir=output_dir,
-    num_frames=21,
-    height=32,
-    width=32,
-    num_generations=4,
-    num_anchors=2,
-    lora_r=4,
-    lora_alpha=8,
-    learning_rate=1e-2,
+    **{**TINY_TRAINING_ARGS, "num_generations": 4, "num_anchors": 2, "lora_r": 4, "lora_alpha": 8},
     max_steps=4,
-    report_to="none",
     save_strategy="no",
     disable_tqdm=True,
 )
