@@ -8,14 +8,26 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from huggingface_hub.file_download import repo_folder_name
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPTokenizer,
+    PreTrainedTokenizerFast,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+from .rewards.clip import AestheticHead
 
 _SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in the umT5 tokenizer
 
@@ -250,3 +262,105 @@ def tiny_causal_wan_pipeline(seed: int = 0, **overrides: Any):
     transformer_overrides = {k: v for k, v in overrides.items() if k in transformer_keys}
     pipeline_config = {"max_sequence_length": 16, **{k: v for k, v in overrides.items() if k not in transformer_keys}}
     return CausalWanPipeline(**tiny_components(seed, **transformer_overrides), **pipeline_config)
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer (byte-level BPE) without merges, built without the Hub: every character is one token.
+
+    Vocabulary: the 256 byte-level characters, the same with the end-of-word suffix `</w>`, then
+    `<|startoftext|>` (id 512) and `<|endoftext|>` (id 513, also the padding token), 514 ids in all.
+    `model_max_length` is 77, as for CLIP.
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = [*alphabet, *(char + "</w>" for char in alphabet), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def save_tiny_clip(
+    path: str | os.PathLike,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    projection_dim: int = 16,
+    with_model: bool = True,
+    with_processor: bool = True,
+) -> Path:
+    """Save a tiny random CLIP in the layout of a CLIP Hub repo (e.g. `openai/clip-vit-large-patch14`).
+
+    - model (`with_model`): `config.json` + `model.safetensors` of a float32 `CLIPModel` with 2-layer text and
+      vision towers of width 32, patches of 8 pixels on `image_size`² images and embeddings `[.., projection_dim]`;
+    - processor (`with_processor`): [`tiny_clip_tokenizer`] files and a `preprocessor_config.json` resizing the
+      shortest edge to `image_size` (bicubic) and center-cropping `image_size`², with OpenAI CLIP's mean/std.
+
+    Returns `path`.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_clip_tokenizer()
+    if with_model:
+        text_config = {
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+        vision_config = {
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+        }
+        torch.manual_seed(seed)
+        config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=projection_dim)
+        CLIPModel(config).float().save_pretrained(path)
+    if with_processor:
+        tokenizer.save_pretrained(path)
+        size = {"shortest_edge": image_size}
+        CLIPImageProcessorPil(size=size, crop_size={"height": image_size, "width": image_size}).save_pretrained(path)
+    return path
+
+
+def save_tiny_aesthetic_head(
+    path: str | os.PathLike, *, in_features: int = 16, seed: int = 0, safe_serialization: bool = False
+) -> Path:
+    """Save a random [`AestheticHead`] for CLIP embeddings `[.., in_features]` in the layout of
+    `trl-lib/ddpo-aesthetic-predictor`: `aesthetic-model.pth` (a `torch.save`d state dict, as on the Hub) or, with
+    `safe_serialization`, `aesthetic-model.safetensors`. Returns the file's path.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    state_dict = AestheticHead(in_features).state_dict()
+    if safe_serialization:
+        save_file(state_dict, path / "aesthetic-model.safetensors")
+        return path / "aesthetic-model.safetensors"
+    torch.save(state_dict, path / "aesthetic-model.pth")
+    return path / "aesthetic-model.pth"
+
+
+def cache_tiny_clip_rewards(cache_dir: str | os.PathLike) -> None:
+    """Install tiny stand-ins for every default checkpoint of `trl_arcopo.rewards.clip` into a Hub cache.
+
+    `yuvalkirstain/PickScore_v1` (model only) with `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (processor only),
+    `openai/clip-vit-large-patch14` (model and processor), all from [`save_tiny_clip`] (seeds 1, 0 and 5:
+    most text-image cosines of the last are positive, so its CLIPScores are not all clamped to 0), and
+    `trl-lib/ddpo-aesthetic-predictor` ([`save_tiny_aesthetic_head`], `.pth`). With
+    `HF_HUB_OFFLINE=1`, `PickScoreReward.from_pretrained(cache_dir=cache_dir)` and friends then load them.
+    """
+    with tempfile.TemporaryDirectory() as staging:
+        staging = Path(staging)
+        pickscore = save_tiny_clip(staging / "pickscore", seed=1, with_processor=False)
+        populate_hub_cache("yuvalkirstain/PickScore_v1", pickscore, cache_dir=cache_dir)
+        laion = save_tiny_clip(staging / "laion", with_model=False)
+        populate_hub_cache("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", laion, cache_dir=cache_dir)
+        clip = save_tiny_clip(staging / "clip", seed=5)
+        populate_hub_cache("openai/clip-vit-large-patch14", clip, cache_dir=cache_dir)
+        head = save_tiny_aesthetic_head(staging / "aesthetic").parent
+        populate_hub_cache("trl-lib/ddpo-aesthetic-predictor", head, cache_dir=cache_dir)

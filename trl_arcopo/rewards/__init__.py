@@ -1,4 +1,14 @@
-"""Video rewards: the reward protocol (call convention, validation, collection) and model-free built-in rewards."""
+"""Video rewards: the reward protocol (call convention, validation, collection), model-free built-in rewards, CLIP
+rewards and the registry resolving reward names, Hub ids and reward-server URLs (:func:`load_reward`).
+
+The model-backed rewards (``PickScoreReward``, ``CLIPScoreReward``, ``AestheticReward``, ``VideoAlignReward``) and
+``RemoteReward`` are imported on first access, so importing this package does not import transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from .builtin import (
     BUILTIN_REWARDS,
@@ -16,18 +26,47 @@ from .protocol import (
     reward_names,
     validate_videos,
 )
+from .registry import available_rewards, load_reward, register_reward
+
+if TYPE_CHECKING:
+    from .clip import AestheticReward, CLIPScoreReward, PickScoreReward
+    from .remote import RemoteReward
+    from .videoalign import VideoAlignReward
+
+# Public names defined in modules imported on first access.
+_LAZY_EXPORTS = {
+    "AestheticReward": ".clip",
+    "CLIPScoreReward": ".clip",
+    "PickScoreReward": ".clip",
+    "RemoteReward": ".remote",
+    "VideoAlignReward": ".videoalign",
+}
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "AestheticReward",
+    "CLIPScoreReward",
+    "PickScoreReward",
+    "RemoteReward",
     "RewardFunctionError",
     "RewardOutputError",
+    "VideoAlignReward",
+    "available_rewards",
     "brightness_reward",
     "colorfulness_reward",
     "compute_rewards",
+    "load_reward",
     "normalize_reward_output",
+    "register_reward",
     "reward_name",
     "reward_names",
     "sharpness_reward",
     "temporal_flicker_reward",
     "validate_videos",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
