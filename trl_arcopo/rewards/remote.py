@@ -58,9 +58,10 @@ def _check_videos(videos: Any) -> int:
         validate_videos(videos)
         return videos.shape[0]
     if not isinstance(videos, (list, tuple)) or not videos:
+        got = "an empty list" if isinstance(videos, (list, tuple)) else type(videos).__name__
         raise ValueError(
             "`videos` must be a floating tensor [B, F, 3, H, W] or a non-empty list of floating tensors [F, 3, H, W] "
-            f"with values in [0, 1], got {type(videos).__name__}" + (" (empty)." if videos == [] else ".")
+            f"with values in [0, 1], got {got}."
         )
     for i, video in enumerate(videos):
         if not isinstance(video, torch.Tensor) or video.ndim != 4:
@@ -93,7 +94,8 @@ def _check_kwargs(kwargs: Any) -> None:
 def _to_payload(video: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.uint8:
         return video.detach().to("cpu", torch.float32).mul(255).round_().clamp_(0, 255).to(torch.uint8)
-    return video.detach().to("cpu", dtype).contiguous()
+    # A copy: the same tensor may appear twice in a list, and safetensors refuses tensors that share memory.
+    return video.detach().to("cpu", dtype, copy=True, memory_format=torch.contiguous_format)
 
 
 def encode_score_request(
@@ -206,7 +208,7 @@ class RemoteRewardError(RewardFunctionError):
 
 def _detail(response: requests.Response) -> str:
     try:
-        return str(response.json()["detail"])
+        return str(response.json()["detail"]).rstrip(".")  # embedded in a sentence below
     except (ValueError, KeyError, TypeError):
         return response.text[:500]
 

@@ -68,7 +68,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     def too_large(size: str) -> HTTPException:
         return HTTPException(
             413,
-            detail=f"the payload ({size} bytes) exceeds the limit of {limit} bytes (`--max_payload_mb` {limit / 2**20:g}).",
+            detail=f"the payload ({size} bytes) exceeds the limit of {limit} bytes "
+            f"(`--max_payload_mb` {limit / 2**20:g}).",
         )
 
     declared = request.headers.get("content-length", "")
@@ -129,10 +130,10 @@ def create_app(
             raise HTTPException(401, detail="wrong token.", headers=_UNAUTHORIZED)
 
     def score_batch(prompts: list[str], videos: Videos, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if device is not None:
-            videos = videos.to(device) if isinstance(videos, torch.Tensor) else [video.to(device) for video in videos]
         try:
             with lock, torch.no_grad():
+                if device is not None:
+                    videos = videos.to(device) if isinstance(videos, torch.Tensor) else [v.to(device) for v in videos]
                 output = reward_fn(prompts, videos, **kwargs)
                 if inspect.isawaitable(output):
                     output = asyncio.run(_awaited(output))  # this worker thread has no running event loop
