@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from .adapters import merge_adapters
-from .rewards import BUILTIN_REWARDS, RewardFunctionError, RewardOutputError, compute_rewards
+from .rewards import RewardFunctionError, RewardOutputError, compute_rewards, load_reward
 
 __all__ = ["EvaluationResult", "evaluate_pipeline", "markdown_table", "resolve_rewards"]
 
@@ -69,18 +69,13 @@ class EvaluationResult:
 
 
 def resolve_rewards(reward_funcs: RewardFunc | Sequence[RewardFunc]) -> list[Callable[..., Any]]:
-    """The reward callables of one reward or a list of them; names are built-in rewards (``"brightness"``, ...)."""
+    """The reward callables of one reward or a list of them; strings are built with
+    :func:`~trl_arcopo.rewards.load_reward` (registered names, Hub ids, reward-server URLs)."""
     rewards = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
-    funcs = []
     for reward in rewards:
-        if isinstance(reward, str):
-            if reward not in BUILTIN_REWARDS:
-                raise ValueError(f"Unknown reward {reward!r}; built-in rewards are {sorted(BUILTIN_REWARDS)}.")
-            reward = BUILTIN_REWARDS[reward]
-        elif not callable(reward):
-            raise TypeError(f"A reward must be a callable or a built-in reward name, got {type(reward).__name__}.")
-        funcs.append(reward)
-    return funcs
+        if not isinstance(reward, str) and not callable(reward):
+            raise TypeError(f"A reward must be a callable or a reward name, got {type(reward).__name__}: {reward!r}.")
+    return [load_reward(reward) if isinstance(reward, str) else reward for reward in rewards]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,235 @@
+"""Two adapters at inference: W = W0 + ΔW_semi + s·ΔW_on activated, exported as one LoRA, fused, pushed."""
+
+import json
+import math
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from trl_arcopo import CausalWanPipeline
+from trl_arcopo.adapters import (
+    fuse_adapters,
+    merge_adapters,
+    merged_lora_state_dict,
+    push_folder_to_hub,
+    save_merged_lora,
+)
+from trl_arcopo.testing import populate_hub_cache, tiny_causal_wan_pipeline
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ALL_LAYERS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+# name: (rank, alpha, target modules, seed); "on_policy" targets only attention, so layers get different ranks.
+ADAPTERS = {
+    "semi": (4, 8, ALL_LAYERS, 1),
+    "on_policy": (8, 4, ["to_q", "to_k", "to_v", "to_out.0"], 2),
+}
+WEIGHTS = {"semi": 1.0, "on_policy": 0.8}
+
+
+def save_random_lora(directory, name: str) -> None:
+    rank, alpha, targets, seed = ADAPTERS[name]
+    pipe = tiny_causal_wan_pipeline()
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    pipe.transformer.add_adapter(config, adapter_name=name)
+    with torch.no_grad():  # B is as large as A, so that every adapter changes the outputs clearly
+        for module_name, param in pipe.transformer.named_parameters():
+            if "lora_B" in module_name:
+                param.normal_(0, 0.2)
+    CausalWanPipeline.save_lora_weights(
+        directory,
+        transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name=name),
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ADAPTERS}
+    for name, directory in dirs.items():
+        save_random_lora(directory, name)
+    return dirs
+
+
+def loaded_pipeline(adapter_dirs):
+    pipe = tiny_causal_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    for name, directory in adapter_dirs.items():
+        pipe.load_lora_weights(directory, adapter_name=name)
+    return pipe
+
+
+def run(pipe) -> torch.Tensor:
+    """Latents [1, 16, 6, 4, 4] of a 2-chunk video from fixed noise."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt_embeds=torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0)),
+        latents=torch.randn(1, 16, 6, 4, 4, generator=torch.Generator().manual_seed(1)),
+        generator=torch.Generator().manual_seed(2),
+        output_type="latent",
+    ).frames
+
+
+def expected_deltas(adapter_dirs, weights) -> dict[str, torch.Tensor]:
+    """``{linear module: Σ_k s_k·(alpha_k/r_k)·B_k A_k}`` computed from the saved files alone."""
+    deltas: dict[str, torch.Tensor] = {}
+    for name, scale in weights.items():
+        rank, alpha, _, _ = ADAPTERS[name]
+        state = load_file(adapter_dirs[name] / LORA_FILE)
+        for key, lora_a in state.items():
+            if ".lora_A." in key:
+                module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+                lora_b = state[key.replace(".lora_A.", ".lora_B.")]
+                delta = scale * (alpha / rank) * lora_b.double() @ lora_a.double()
+                deltas[module] = deltas.get(module, 0) + delta
+    return deltas
+
+
+def linear_weights(pipe) -> dict[str, torch.Tensor]:
+    return {
+        name.removesuffix(".weight").removesuffix(".base_layer"): param.detach().clone()
+        for name, param in pipe.transformer.named_parameters()
+        if name.endswith(".weight") and "lora_" not in name
+    }
+
+
+def test_fused_weights_are_w0_plus_weighted_deltas_on_every_layer(adapter_dirs):
+    w0 = linear_weights(tiny_causal_wan_pipeline())
+    deltas = expected_deltas(adapter_dirs, WEIGHTS)
+    assert len(deltas) == 2 * (4 + 4 + 2)  # 2 blocks x (attn1, attn2: q k v out; ffn: 2 linears)
+    pipe = loaded_pipeline(adapter_dirs)
+    fuse_adapters(pipe, WEIGHTS)
+    fused = linear_weights(pipe)
+    assert fused.keys() == w0.keys()
+    for module, weight in fused.items():
+        if module in deltas:
+            torch.testing.assert_close(weight.double(), w0[module].double() + deltas[module], atol=1e-6, rtol=0)
+            assert (weight - w0[module]).abs().max() > 1e-2, module
+        else:
+            assert torch.equal(weight, w0[module]), module
+
+
+def test_active_combination_equals_manually_merged_model(adapter_dirs):
+    pipe = loaded_pipeline(adapter_dirs)
+    merge_adapters(pipe, WEIGHTS)
+    assert sorted(pipe.get_active_adapters()) == ["on_policy", "semi"]
+    merged = run(pipe)
+
+    manual = tiny_causal_wan_pipeline()
+    modules = dict(manual.transformer.named_modules())
+    with torch.no_grad():
+        for module, delta in expected_deltas(adapter_dirs, WEIGHTS).items():
+            modules[module].weight += delta.float()
+    torch.testing.assert_close(merged, run(manual), atol=1e-5, rtol=0)
+
+    # The scale matters: s = 0 is the semi adapter alone, a different model.
+    merge_adapters(pipe, {"semi": 1.0, "on_policy": 0.0})
+    assert (run(pipe) - merged).abs().max() > 1e-3
+
+
+def test_exported_lora_loads_and_reproduces_the_combination(adapter_dirs, tmp_path, hf_cache):
+    pipe = loaded_pipeline(adapter_dirs)
+    merge_adapters(pipe, WEIGHTS)
+    merged = run(pipe)
+    out = save_merged_lora(pipe, WEIGHTS, tmp_path / "merged", adapter_sources={"semi": "org/semi-lora"})
+
+    with safe_open(out / LORA_FILE, "pt") as file:
+        metadata = json.loads(file.metadata()["lora_adapter_metadata"])
+    assert metadata["transformer.r"] == 12 and metadata["transformer.lora_alpha"] == 12
+    assert set(metadata["transformer.rank_pattern"].values()) == {4}  # feed-forward layers: semi only
+    card = (out / "README.md").read_text()
+    assert "semi: 1.0" in card and "on_policy: 0.8" in card  # card metadata
+    assert "| `on_policy` | 0.8 | 8 |" in card and "org/semi-lora" in card
+
+    fresh = tiny_causal_wan_pipeline()
+    fresh.load_lora_weights(out)
+    torch.testing.assert_close(run(fresh), merged, atol=1e-5, rtol=0)
+    ranks = {name: layer.r["default_0"] for name, layer in fresh.transformer.named_modules() if hasattr(layer, "r")}
+    assert ranks["blocks.0.attn1.to_q"] == 12 and ranks["blocks.1.ffn.net.2"] == 4
+
+    # The same file through the Hub loading path (offline cache).
+    populate_hub_cache("org/merged-lora", out, cache_dir=hf_cache)
+    from_hub = tiny_causal_wan_pipeline()
+    from_hub.load_lora_weights("org/merged-lora", weight_name=LORA_FILE, cache_dir=hf_cache)
+    torch.testing.assert_close(run(from_hub), merged, atol=1e-5, rtol=0)
+
+
+def test_export_leaves_out_zero_scales(adapter_dirs):
+    pipe = loaded_pipeline(adapter_dirs)
+    state, config = merged_lora_state_dict(pipe, {"semi": 0.5, "on_policy": 0.0})
+    assert config["r"] == 4 and config["rank_pattern"] == {}
+    semi = load_file(adapter_dirs["semi"] / LORA_FILE)
+    key = "blocks.0.attn1.to_q.lora_B.weight"
+    torch.testing.assert_close(state[key], semi[f"transformer.{key}"] * 0.5 * (8 / 4), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="All scales in `weights` are 0"):
+        merged_lora_state_dict(pipe, {"semi": 0.0, "on_policy": 0.0})
+
+
+def test_fuse_round_trip_and_fused_pipeline_save_load(adapter_dirs, tmp_path):
+    pipe = loaded_pipeline(adapter_dirs)
+    w0 = linear_weights(pipe)
+    merge_adapters(pipe, WEIGHTS)
+    merged = run(pipe)
+
+    fuse_adapters(pipe, WEIGHTS, unload=False)
+    torch.testing.assert_close(run(pipe), merged, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="fused into the weights"):
+        merge_adapters(pipe, WEIGHTS)
+    pipe.unfuse_lora()
+    for module, weight in linear_weights(pipe).items():
+        torch.testing.assert_close(weight, w0[module], atol=1e-6, rtol=0)
+
+    fuse_adapters(pipe, WEIGHTS)
+    assert not pipe.get_list_adapters()  # plain transformer: nothing left to double-count
+    pipe.save_pretrained(tmp_path / "fused")
+    reloaded = CausalWanPipeline.from_pretrained(tmp_path / "fused")
+    torch.testing.assert_close(run(reloaded), merged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"semi": 1.0, "policy": 0.8}, r"Unknown adapter\(s\) \['policy'\].*\['semi', 'on_policy'\]"),
+        ({"semi": 1.0, "on_policy": -0.5}, r"`weights\['on_policy'\]` must be a finite scale >= 0, got -0.5"),
+        ({"semi": math.nan}, "finite scale >= 0, got nan"),
+        ({"semi": math.inf}, "finite scale >= 0, got inf"),
+        ({"semi": True}, "finite scale >= 0, got True"),
+        ({"semi": "1"}, "finite scale >= 0, got '1'"),
+        ({}, "non-empty dict"),
+        (["semi"], "non-empty dict"),
+    ],
+)
+def test_bad_weights_raise(adapter_dirs, weights, message):
+    pipe = loaded_pipeline(adapter_dirs)
+    for function in (merge_adapters, merged_lora_state_dict, fuse_adapters):
+        with pytest.raises(ValueError, match=message):
+            function(pipe, weights)
+
+
+def test_no_adapters_loaded_is_named():
+    with pytest.raises(ValueError, match="the pipeline has no adapters"):
+        merge_adapters(tiny_causal_wan_pipeline(), {"semi": 1.0})
+
+
+def test_push_folder_to_hub_creates_the_repo_and_uploads(tmp_path, monkeypatch):
+    import trl_arcopo.adapters as adapters
+
+    calls = []
+
+    class Repo:
+        repo_id = "user/merged"
+
+    class Commit:
+        commit_url = "https://huggingface.co/user/merged/commit/abc"
+
+    monkeypatch.setattr(adapters, "create_repo", lambda *a, **k: calls.append(("create", a, k)) or Repo())
+    monkeypatch.setattr(adapters, "upload_folder", lambda *a, **k: calls.append(("upload", a, k)) or Commit())
+    url = push_folder_to_hub(tmp_path, "merged", token="hf_secret", private=True)
+    assert url == Commit.commit_url
+    assert calls[0] == ("create", ("merged",), {"token": "hf_secret", "private": True, "exist_ok": True})
+    assert calls[1][2]["repo_id"] == "user/merged" and calls[1][2]["folder_path"] == tmp_path
+    assert calls[1][2]["token"] == "hf_secret"
