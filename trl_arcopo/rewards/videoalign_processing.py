@@ -292,20 +292,19 @@ class VideoAlignProcessor:
         pixels = pixels.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * h * w, channels * tp * p * p)
         return pixels, [t, h, w]
 
-    def chat_text(self, prompt: str, num_video_tokens: int) -> str:
-        """The full text of one sample: chat template with one video turn, placeholder repeated per video token."""
+    def chat_text(self, prompt: str) -> str:
+        """The text of one sample: the chat template around one video placeholder and :func:`build_user_text`."""
+        user_text = build_user_text(prompt)
         if self.video_token in prompt:
             raise ValueError(f"Prompts must not contain the video placeholder {self.video_token!r}, got {prompt!r}.")
-        messages = [
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": build_user_text(prompt)}]}
-        ]
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": user_text}]}]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if text.count(self.video_token) != 1:
             raise ValueError(
                 f"The tokenizer's chat template must render one {self.video_token!r} per video, got "
                 f"{text.count(self.video_token)}."
             )
-        return text.replace(self.video_token, self.video_token * num_video_tokens)
+        return text
 
     def __call__(
         self,
@@ -329,12 +328,14 @@ class VideoAlignProcessor:
         video_list = _as_video_list(videos)
         _check_prompts(prompts, len(video_list))
         rates = _per_video_fps(fps, len(video_list))
-        pixel_values, grids, texts = [], [], []
-        for prompt, video, rate in zip(prompts, video_list, rates, strict=True):
+        texts = [self.chat_text(prompt) for prompt in prompts]
+        pixel_values, grids = [], []
+        for i, (video, rate) in enumerate(zip(video_list, rates, strict=True)):
             pixels, grid = self.patchify(self.prepare_frames(video, rate))
             pixel_values.append(pixels)
             grids.append(grid)
-            texts.append(self.chat_text(prompt, math.prod(grid) // self.merge_size**2))
+            # The processor of the original repeats the placeholder once per merged vision token.
+            texts[i] = texts[i].replace(self.video_token, self.video_token * (math.prod(grid) // self.merge_size**2))
         text_inputs = self.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
         device = pixel_values[0].device
         return BatchFeature(
