@@ -41,6 +41,7 @@ PAPER_DEFAULTS = {
     "pivot_weights": None,
     "exploration": "fork",
     "training_mode": "on_policy",
+    "replay_dataset": None,
     # objective
     "num_generations": 12,
     "num_anchors": 4,
@@ -216,7 +217,9 @@ INVALID = [
     ({"pivot_strategy": "weighted", "pivot_weights": [1.0] * 22}, "pivot_weights"),
     ({"pivot_weights": [1.0, 2.0]}, "pivot_weights"),
     ({"exploration": "noise"}, "exploration"),
-    ({"training_mode": "semi_on_policy"}, "training_mode"),
+    ({"training_mode": "semi_on_policy"}, "replay_dataset"),
+    ({"training_mode": "semi_on_policy", "replay_dataset": ""}, "replay_dataset"),
+    ({"replay_dataset": "replay-buffer"}, "replay_dataset"),
     ({"training_mode": "offline"}, "training_mode"),
     ({"num_generations": 1}, "num_generations"),
     ({"num_anchors": 0}, "num_anchors"),
@@ -271,7 +274,11 @@ def test_error_messages_name_value_and_fix(tmp_path):
 
     with pytest.raises(ValueError) as info:
         make_config(tmp_path, training_mode="semi_on_policy")
-    assert "not available yet" in str(info.value) and "replay buffer" in str(info.value)
+    assert "`replay_dataset` (None) is required" in str(info.value) and "trl-arcopo collect" in str(info.value)
+
+    with pytest.raises(ValueError) as info:
+        make_config(tmp_path, replay_dataset="me/buffer")
+    assert "only used with `training_mode='semi_on_policy'`" in str(info.value)
 
     with pytest.raises(ValueError) as info:
         make_config(tmp_path, training_mode="offline")
@@ -284,6 +291,19 @@ def test_error_messages_name_value_and_fix(tmp_path):
     with pytest.raises(ValueError) as info:
         make_config(tmp_path, num_frames=80)
     assert "77 or 81" in str(info.value)
+
+
+def test_semi_on_policy_mode_names_its_adapter_semi(tmp_path):
+    config = make_config(tmp_path, training_mode="semi_on_policy", replay_dataset="me/buffer")
+    assert config.adapter_name == "semi" and config.replay_dataset == "me/buffer"
+    assert make_config(tmp_path).adapter_name == "on_policy"
+    named = make_config(tmp_path, training_mode="semi_on_policy", replay_dataset="me/buffer", adapter_name="mine")
+    assert named.adapter_name == "mine"
+    (parsed,) = TrlParser((ARCoPOConfig,)).parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--training_mode", "semi_on_policy", "--replay_dataset", "buffer"]
+    )
+    assert parsed.adapter_name == "semi" and parsed.replay_dataset == "buffer"
+    assert ARCoPOConfig(**parsed.to_dict()).adapter_name == "semi"
 
 
 def test_model_init_kwargs_json_string(tmp_path):
