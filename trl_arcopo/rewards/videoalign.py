@@ -47,7 +47,7 @@ _LORA_A_SUFFIX = ".lora_A.default.weight"
 _REQUIRED_SETTINGS = {
     "model_config": {"output_dim": 1, "use_special_tokens": True, "reward_token": "special"},
     "data_config": {"prompt_template_type": "detailed_special", "sample_type": "uniform", "num_frames": None},
-    "peft_lora_config": {"use_rslora": False, "vision_lora": False},
+    "peft_lora_config": {"lora_enable": True, "use_rslora": False, "vision_lora": False},
 }
 
 

@@ -191,11 +191,11 @@ def _as_video_list(videos: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.
     if isinstance(videos, torch.Tensor):
         validate_videos(videos)
         return list(videos.unbind(0))
-    if not isinstance(videos, Sequence) or isinstance(videos, str) or len(videos) == 0:
-        raise ValueError(
-            "`videos` must be a floating tensor [B, F, 3, H, W] or a non-empty list of [F, 3, H, W] tensors in "
-            f"[0, 1], got {type(videos).__name__}" + (" of length 0." if isinstance(videos, Sequence) else ".")
-        )
+    expected = "a floating tensor [B, F, 3, H, W] or a non-empty list of [F, 3, H, W] tensors in [0, 1]"
+    if isinstance(videos, str) or not isinstance(videos, Sequence):
+        raise ValueError(f"`videos` must be {expected}, got {type(videos).__name__}.")
+    if not videos:
+        raise ValueError(f"`videos` must be {expected}, got an empty list.")
     for i, video in enumerate(videos):
         if not isinstance(video, torch.Tensor) or video.ndim != 4:
             shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
