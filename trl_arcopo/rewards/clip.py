@@ -11,8 +11,9 @@ or ``"min"``). ``num_frames=K`` scores only ``K`` frames evenly spaced from the 
 Frames go from tensors to CLIP pixel values without a PIL (or video file) round trip: the loaded image processor's
 settings (resize to ``size``, resampling, ``crop_size`` center crop, rescale, ``image_mean`` / ``image_std``) are
 applied with torch ops on the frames' device. Resizing is antialiased bilinear/bicubic interpolation, the same
-operation as the processor's torchvision backend on float images; compared with its PIL backend (which rounds
-frames to uint8 and clamps after resizing) pixel values differ by about one 8-bit level.
+operation as the processor's torchvision backend on float images. Its PIL backend rounds to 8 bits (and clamps
+overshoots) after each of its two resize passes: on smooth frames pixel values differ from it by at most about two
+8-bit levels, on pixel noise by more.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ class _CLIPTextImageReward(_CLIPFrameReward):
             model_kwargs=model_kwargs,
         )
         reward = cls(model, image_processor, tokenizer, frame_aggregation=frame_aggregation, num_frames=num_frames)
-        return reward.to(device) if device is not None else reward
+        return reward.eval().to(device) if device is not None else reward.eval()
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """L2-normalised CLIP text embeddings ``[B, D]``; prompts longer than the tokenizer's ``model_max_length``
@@ -435,9 +436,9 @@ class AestheticReward(_CLIPFrameReward):
                 f"{weights_file} is not an aesthetic head for this CLIP model (projection_dim "
                 f"{model.config.projection_dim}, layers {{0, 2, 4, 6, 7}}): {error}"
             ) from error
-        head = head.to(dtype).eval().requires_grad_(False)
+        head = head.to(dtype).requires_grad_(False)
         reward = cls(model, image_processor, head, frame_aggregation=frame_aggregation, num_frames=num_frames)
-        return reward.to(device) if device is not None else reward
+        return reward.eval().to(device) if device is not None else reward.eval()
 
     def frame_scores(self, prompts: Sequence[str], videos: torch.Tensor) -> torch.Tensor:
         return self.head(self.image_embeddings(videos))
