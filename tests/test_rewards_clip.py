@@ -206,6 +206,7 @@ def test_frame_aggregation_and_sampling(pickscore: PickScoreReward) -> None:
     assert variant(num_frames=1).frame_indices(81).tolist() == [0]
     assert variant(num_frames=5).frame_indices(81).tolist() == [0, 20, 40, 60, 80]
     assert variant(num_frames=4).frame_indices(10).tolist() == [0, 3, 6, 9]
+    assert variant(num_frames=4).frame_indices(21).tolist() == [0, 7, 13, 20]  # nearest to 0, 6.67, 13.33, 20
 
 
 def test_collected_by_compute_rewards(

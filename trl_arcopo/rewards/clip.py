@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from .protocol import _validate_inputs
 __all__ = ["AestheticHead", "AestheticReward", "CLIPScoreReward", "PickScoreReward"]
 
 FrameAggregation = Literal["mean", "first", "min"]
+_TextImageReward = TypeVar("_TextImageReward", bound="_CLIPTextImageReward")
 _FRAME_AGGREGATIONS = ("mean", "first", "min")
 _INTERPOLATION_MODES = {PILImageResampling.BILINEAR: "bilinear", PILImageResampling.BICUBIC: "bicubic"}
 # Looked up in this order when `AestheticReward.from_pretrained(filename=None)`; TRL's DDPO example uses the `.pth`.
@@ -135,10 +136,10 @@ class _CLIPFrameReward(nn.Module):
         super().__init__()
         if frame_aggregation not in _FRAME_AGGREGATIONS:
             raise ValueError(f"`frame_aggregation` must be one of {_FRAME_AGGREGATIONS}, got {frame_aggregation!r}.")
-        if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int)):
+        if num_frames is not None and (
+            isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1
+        ):
             raise ValueError(f"`num_frames` must be a positive int or None (all frames), got {num_frames!r}.")
-        if num_frames is not None and num_frames < 1:
-            raise ValueError(f"`num_frames` must be a positive int or None (all frames), got {num_frames}.")
         self.model = model
         self.image_processor = image_processor
         self.frame_aggregation = frame_aggregation
@@ -157,8 +158,8 @@ class _CLIPFrameReward(nn.Module):
         """L2-normalised CLIP image embeddings ``[B, K, D]`` of the scored frames of ``videos`` ``[B, F, 3, H, W]``."""
         frames = videos[:, self.frame_indices(videos.shape[1]).to(videos.device)]  # [B, K, 3, H, W]
         batch, num_frames = frames.shape[:2]
-        pixel_values = _preprocess_frames(frames.flatten(0, 1), self.image_processor)
-        pixel_values = pixel_values.to(device=self.model.device, dtype=self.model.dtype)
+        pixel_values = _preprocess_frames(frames.flatten(0, 1).to(self.model.device), self.image_processor)
+        pixel_values = pixel_values.to(self.model.dtype)
         embeddings = self.model.get_image_features(pixel_values=pixel_values).pooler_output
         return F.normalize(embeddings, dim=-1).view(batch, num_frames, -1)
 
@@ -204,7 +205,7 @@ class _CLIPTextImageReward(_CLIPFrameReward):
 
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[_TextImageReward],
         pretrained_model_name_or_path: str | os.PathLike | None = None,
         *,
         processor_name_or_path: str | os.PathLike | None = None,
@@ -216,7 +217,7 @@ class _CLIPTextImageReward(_CLIPFrameReward):
         cache_dir: str | os.PathLike | None = None,
         token: str | bool | None = None,
         **model_kwargs: Any,
-    ):
+    ) -> _TextImageReward:
         """Load the CLIP model, image processor and tokenizer (Hub id or local folder).
 
         Args:
