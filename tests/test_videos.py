@@ -1,8 +1,10 @@
-"""Saving and logging sample videos."""
+"""Saving sample videos and sending them to wandb, trackio and TensorBoard."""
 
+import logging
 import sys
 import types
 
+import pytest
 import torch
 
 from trl_arcopo.utils.videos import log_videos, save_video
@@ -14,22 +16,69 @@ def test_save_video_writes_mp4_or_png(tmp_path):
     assert path.stem == "clip" and path.suffix in (".mp4", ".png") and path.stat().st_size > 0
 
 
-def test_log_videos_sends_to_wandb_when_it_is_a_tracker(tmp_path, monkeypatch):
-    logged = []
+def _fake_tracker(logged: list) -> types.SimpleNamespace:
+    """The part of the wandb / trackio API that `log_videos` uses: `Video`, `Image` and `log(data, step=...)`."""
 
-    class Video:
+    class Media:
         def __init__(self, path, caption=None):
             self.path, self.caption = path, caption
 
-    fake = types.SimpleNamespace(run=object(), Video=Video, log=lambda data, step: logged.append((data, step)))
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    paths = log_videos(torch.rand(2, 9, 3, 16, 16), "a cat", step=7, output_dir=str(tmp_path), report_to=["wandb"])
+    return types.SimpleNamespace(
+        Video=type("Video", (Media,), {}),
+        Image=type("Image", (Media,), {}),
+        log=lambda data, step: logged.append((data, step)),
+    )
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "trackio"])
+def test_log_videos_sends_one_media_per_file(tmp_path, monkeypatch, tracker):
+    logged = []
+    monkeypatch.setitem(sys.modules, tracker, _fake_tracker(logged))
+    paths = log_videos(torch.rand(2, 9, 3, 16, 16), "a cat", step=7, output_dir=str(tmp_path), report_to=[tracker])
     assert [p.parent.name for p in paths] == ["step-7", "step-7"]
     ((data, step),) = logged
-    assert step == 7 and [v.caption for v in data["samples"]] == ["a cat", "a cat"]
-    assert [v.path for v in data["samples"]] == [str(p) for p in paths]
+    assert step == 7 and sorted(data) == ["samples/0", "samples/1"]
+    assert [data[f"samples/{i}"].path for i in range(2)] == [str(p) for p in paths]
+    assert {media.caption for media in data.values()} == {"a cat"}
+    # An mp4 is a video; without the `video` extra the file is a PNG contact sheet, logged as an image.
+    assert {type(media).__name__ for media in data.values()} == {"Video" if paths[0].suffix == ".mp4" else "Image"}
 
-    logged.clear()
-    log_videos(torch.rand(1, 9, 3, 16, 16), "a dog", step=8, output_dir=str(tmp_path), report_to=["tensorboard"])
-    assert logged == []  # only trackers that show videos get them; the files are on disk either way
-    assert (tmp_path / "samples" / "step-8").is_dir()
+
+def test_log_videos_sends_the_frames_to_tensorboard(tmp_path):
+    class Writer:
+        def __init__(self):
+            self.images, self.texts = [], []
+
+        def add_images(self, tag, images, step, dataformats):
+            self.images.append((tag, images, step, dataformats))
+
+        def add_text(self, tag, text, step):
+            self.texts.append((tag, text, step))
+
+    videos = torch.rand(2, 9, 3, 16, 24) * 1.2  # decoders can overshoot [0, 1]
+    writer = Writer()
+    log_videos(videos, "a dog", step=3, output_dir=str(tmp_path), report_to=["tensorboard"], tensorboard_writer=writer)
+    assert [(tag, step, fmt) for tag, _, step, fmt in writer.images] == [
+        ("samples/0", 3, "NCHW"),
+        ("samples/1", 3, "NCHW"),
+    ]
+    for (_, images, _, _), video in zip(writer.images, videos, strict=True):
+        assert torch.equal(images, video.clamp(0, 1))  # every frame, [F, 3, H, W] in [0, 1]
+    assert writer.texts == [("samples/prompt", "a dog", 3)]
+
+
+def test_trackers_that_cannot_receive_videos_are_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
+    logged = []
+    monkeypatch.setitem(sys.modules, "wandb", _fake_tracker(logged))
+    monkeypatch.setitem(sys.modules, "trackio", None)  # not installed: `import trackio` raises ImportError
+    with caplog.at_level(logging.WARNING, logger="trl_arcopo.utils.videos"):
+        paths = log_videos(
+            torch.rand(1, 9, 3, 16, 16),
+            "a dog",
+            step=8,
+            output_dir=str(tmp_path),
+            report_to=["trackio", "tensorboard", "none"],
+        )
+    assert logged == []  # wandb is installed but not a tracker of this run
+    assert "trackio but it is not installed" in caplog.text and "no `tensorboard_writer`" in caplog.text
+    assert paths[0].is_file() and paths[0].parent == tmp_path / "samples" / "step-8"

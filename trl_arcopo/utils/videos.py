@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.utils import export_to_video
 from PIL import Image
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +46,60 @@ def save_video(video: torch.Tensor | Sequence[Image.Image], path: str | Path, fp
         return path.with_suffix(".png")
 
 
+def _tracker_media(tracker: ModuleType, paths: Sequence[Path], caption: str) -> dict[str, Any]:
+    """One ``samples/{i}`` entry per file: ``tracker.Video`` for an mp4, ``tracker.Image`` for a PNG contact sheet
+    (wandb and trackio share these constructors)."""
+    return {
+        f"samples/{i}": (tracker.Video if path.suffix == ".mp4" else tracker.Image)(str(path), caption=caption)
+        for i, path in enumerate(paths)
+    }
+
+
 def log_videos(
-    videos: torch.Tensor, prompt: str, *, step: int, output_dir: str, report_to: Sequence[str], fps: int = 16
+    videos: torch.Tensor,
+    prompt: str,
+    *,
+    step: int,
+    output_dir: str,
+    report_to: Sequence[str],
+    fps: int = 16,
+    tensorboard_writer: SummaryWriter | None = None,
 ) -> list[Path]:
-    """Save sample videos ``[N, F, 3, H, W]`` under ``output_dir/samples/step-{step}/`` and send them to the
-    trackers of ``report_to`` that can show videos (wandb)."""
+    """Save sample videos and send them to the trackers of ``report_to`` that show media.
+
+    Args:
+        videos: ``[N, F, 3, H, W]`` in [0, 1], written to ``output_dir/samples/step-{step}/sample-{i}`` (see
+            [`save_video`]).
+        prompt: the prompt of the videos (their caption).
+        step: the training step they are logged at.
+        report_to: tracker names; ``"wandb"`` and ``"trackio"`` get one ``samples/{i}`` video per file (an image when
+            the file is a PNG contact sheet), ``"tensorboard"`` gets the frames of each video as an image grid
+            ``samples/{i}`` plus the prompt as text (TensorBoard's own ``add_video`` needs moviepy).
+        tensorboard_writer: the ``SummaryWriter`` TensorBoard logs go to, e.g. the ``tb_writer`` of the trainer's
+            ``transformers.integrations.TensorBoardCallback``; without it nothing is sent to TensorBoard.
+
+    Returns:
+        The written files.
+    """
     paths = [
         save_video(video, Path(output_dir) / "samples" / f"step-{step}" / f"sample-{i}", fps=fps)
         for i, video in enumerate(videos)
     ]
-    if "wandb" in report_to:
-        try:
-            import wandb
-        except ImportError:
-            logger.warning("report_to includes wandb but wandb is not installed: videos were only saved to disk.")
+    for name in ("wandb", "trackio"):
+        if name in report_to:
+            try:
+                tracker = importlib.import_module(name)
+            except ImportError:
+                logger.warning("report_to includes %s but it is not installed: videos were only saved to disk.", name)
+            else:
+                tracker.log(_tracker_media(tracker, paths, prompt), step=step)
+    if "tensorboard" in report_to:
+        if tensorboard_writer is None:
+            logger.warning(
+                "report_to includes tensorboard but no `tensorboard_writer` was given: videos were only saved to disk."
+            )
         else:
-            if wandb.run is not None:
-                wandb.log({"samples": [wandb.Video(str(p), caption=prompt) for p in paths]}, step=step)
+            for i, video in enumerate(videos):
+                tensorboard_writer.add_images(f"samples/{i}", video.clamp(0, 1).cpu(), step, dataformats="NCHW")
+            tensorboard_writer.add_text("samples/prompt", prompt, step)
     return paths
