@@ -1,18 +1,23 @@
-"""ARCoPOTrainer on the tiny preset: learning, the SDE baseline, saving, Hub upload, exact resume, failure handling."""
+"""ARCoPOTrainer on the tiny preset: learning, the SDE baseline, saving, Hub upload, exact resume, failure handling,
+semi-on-policy training on a replay buffer."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from safetensors.torch import load_file
 
+import trl_arcopo.arcopo_trainer
 from trl_arcopo import copo
 from trl_arcopo.arcopo_config import ARCoPOConfig
 from trl_arcopo.arcopo_trainer import ARCoPOTrainer, RewardFailure
+from trl_arcopo.replay import collect_replay_buffer
+from trl_arcopo.rewards import brightness_reward
 from trl_arcopo.testing import TINY_TRAINING_ARGS, tiny_causal_wan_pipeline
 
 transformers.logging.set_verbosity_error()
@@ -329,3 +334,138 @@ def test_evaluation_during_training_keeps_train_and_eval_metrics_apart(tmp_path)
     assert len(evals) == 2 and len(trains) == 2
     assert all("ratio/mean" not in h and "eval_rewards/failed_groups" in h for h in evals)
     assert "ratio/mean" in trains[0] and "reward" in trains[0]
+
+
+# ---------------------------------------------------------------------------------------------- semi-on-policy
+
+
+@pytest.fixture(scope="module")
+def replay_dir(tmp_path_factory) -> Path:
+    """A buffer of 4 tiny groups (G=8) from the reference policy, scored with brightness and redness."""
+    buffer = collect_replay_buffer(
+        tiny_causal_wan_pipeline(),
+        PROMPTS["prompt"],
+        [brightness_reward, redness],
+        num_groups=4,
+        num_generations=8,
+        num_frames=21,
+        height=32,
+        width=32,
+        seed=5,
+        progress_bar=False,
+    )
+    path = tmp_path_factory.mktemp("replay") / "buffer"
+    buffer.save_to_disk(path)
+    return path
+
+
+def _semi_config(tmp_path, replay_dir, **overrides) -> ARCoPOConfig:
+    return _config(tmp_path, training_mode="semi_on_policy", replay_dataset=str(replay_dir), **overrides)
+
+
+def test_semi_on_policy_trains_on_the_buffer_without_generating(tmp_path, replay_dir, monkeypatch):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("semi-on-policy training must not generate")
+
+    monkeypatch.setattr(trl_arcopo.arcopo_trainer, "generate_group", no_generation)
+    args = _semi_config(tmp_path, replay_dir, max_steps=4, per_device_train_batch_size=2, reward_weights=[1.0, 2.0])
+    trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), ["brightness", redness], args=args)
+    assert list(trainer.model.peft_config) == ["semi"]
+    before = _lora(trainer)
+    trainer.train()
+    first = trainer.state.log_history[0]
+    # π_old is the recorded reference prediction: the fresh adapter reproduces it for every group of the batch.
+    assert abs(first["ratio/min"] - 1) < 1e-4 and abs(first["ratio/max"] - 1) < 1e-4
+    assert any(not torch.equal(before[n], p) for n, p in _lora(trainer).items())
+
+    # The logged rewards are the stored ones: the two batches of 2 groups cover the 4 groups of the buffer once.
+    logged = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    rows = load_from_disk(str(replay_dir))["rewards"]
+    stored = torch.tensor([[r["brightness_reward"], r["redness"]] for r in rows], dtype=torch.float64)  # [4, 2, G]
+    assert len(logged) == 2
+    assert sum(logged) / 2 == pytest.approx((stored[:, 0] + 2 * stored[:, 1]).mean().item(), abs=1e-12)
+
+
+def _max_ratio_deviation(history: list[dict]) -> list[float]:
+    return [max(h["ratio/max"] - 1, 1 - h["ratio/min"]) for h in history if "ratio/max" in h]
+
+
+def test_semi_on_policy_ratio_clip_is_the_trust_region(tmp_path, replay_dir):
+    """With a tiny ε the clipped surrogate stops the drift away from π_ref; without the clip it keeps growing."""
+    runs = {}
+    for epsilon in (1e-6, 1e3):
+        args = _semi_config(
+            tmp_path / str(epsilon),
+            replay_dir,
+            max_steps=8,
+            per_device_train_batch_size=2,
+            epsilon=epsilon,
+            optim="sgd",  # no momentum: an update follows the current gradient only
+            learning_rate=1e-3,
+        )
+        trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), "brightness", args=args)
+        before = _lora(trainer)
+        trainer.train()
+        drift = sum((p - before[n]).pow(2).sum() for n, p in _lora(trainer).items()).sqrt().item()
+        runs[epsilon] = (trainer.state.log_history, drift)
+
+    clipped, clipped_drift = runs[1e-6]
+    free, free_drift = runs[1e3]
+    deviation, free_deviation = _max_ratio_deviation(clipped), _max_ratio_deviation(free)
+    assert deviation[0] < 1e-4 and free_deviation[0] < 1e-4
+    assert all(h["clip_ratio/region_mean"] > 0 for h in clipped[1:-1])  # every later update is clipped
+    # After the first (unconstrained) step the clipped policy stays where one step took it ...
+    assert max(deviation[2:]) <= deviation[1], deviation
+    # ... while the unclipped one keeps moving away from the reference.
+    assert free_deviation[-1] > 2 * free_deviation[1], free_deviation
+    assert clipped_drift < free_drift / 2
+
+
+def test_semi_on_policy_resume_is_exact(tmp_path, replay_dir):
+    common = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3}  # step 3 is mid-rollout (reused buffer)
+    full = ARCoPOTrainer(
+        tiny_causal_wan_pipeline(), "brightness", args=_semi_config(tmp_path / "full", replay_dir, **common)
+    )
+    full.train()
+    resumed = ARCoPOTrainer(
+        tiny_causal_wan_pipeline(), "brightness", args=_semi_config(tmp_path / "resumed", replay_dir, **common)
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    expected, got = _lora(full), _lora(resumed)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
+    pivots = [h["rollout/pivot"] for h in full.state.log_history if "rollout/pivot" in h]
+    resumed_pivots = [h["rollout/pivot"] for h in resumed.state.log_history if "rollout/pivot" in h]
+    assert resumed_pivots == pivots[-len(resumed_pivots) :]  # the same buffer rows, in the same order
+
+
+def test_semi_on_policy_refuses_a_mismatched_buffer(tmp_path, replay_dir):
+    args = _semi_config(tmp_path, replay_dir, num_generations=4, noise_sigma=0.25, height=64)
+    with pytest.raises(ValueError) as info:
+        ARCoPOTrainer(tiny_causal_wan_pipeline(), "brightness", args=args)
+    message = str(info.value)
+    assert "(4 difference(s))" in message
+    for line in (
+        "num_generations: buffer 8, this run 4",
+        "noise_sigma: buffer 0.5, this run 0.25",
+        "height: buffer 32, this run 64",
+        "latent_shape: buffer [16, 6, 4, 4], this run [16, 6, 8, 4]",
+    ):
+        assert line in message, message
+    with pytest.raises(ValueError, match="buffer 3, this run 2"):  # the pipeline's chunk size
+        ARCoPOTrainer(
+            tiny_causal_wan_pipeline(num_frame_per_block=2), "brightness", args=_semi_config(tmp_path, replay_dir)
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"train_dataset": PROMPTS}, "do not pass a `train_dataset`"),
+        ({"reward_funcs": "sharpness"}, "no rewards for 'sharpness_reward'"),
+    ],
+)
+def test_semi_on_policy_bad_input(tmp_path, replay_dir, kwargs, message):
+    arguments = {"reward_funcs": "brightness", **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ARCoPOTrainer(tiny_causal_wan_pipeline(), args=_semi_config(tmp_path, replay_dir), **arguments)

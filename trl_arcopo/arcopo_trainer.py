@@ -28,6 +28,14 @@ from trl.trainer.utils import RepeatSampler
 from . import copo
 from .arcopo_config import ARCoPOConfig
 from .pipelines.causal_wan import CausalWanPipeline
+from .replay import (
+    buffer_settings,
+    check_buffer_settings,
+    generation_settings,
+    load_replay_buffer,
+    record_rewards,
+    record_to_group,
+)
 from .rewards import BUILTIN_REWARDS, RewardFunctionError, RewardOutputError, compute_rewards, reward_names
 from .rollout import RolloutGroup, generate_group, rebuild_context, sample_pivot
 
@@ -37,6 +45,8 @@ RewardFunc = Callable[..., Any] | torch.nn.Module | str
 _STATE_FILE = "arcopo_state.json"
 _TENSORS_FILE = "arcopo_state.safetensors"
 _LORA_FILE = "pytorch_lora_weights.safetensors"
+# The RolloutGroup tensors a checkpoint keeps (replayed groups have no `latents`).
+_GROUP_TENSORS = ("prompt_embeds", "prefix_latents", "inputs", "predictions", "noise", "latents")
 
 _CITATION = """\
 @article{arcopo2026,
@@ -68,8 +78,11 @@ class ARCoPOTrainer(Trainer):
             ``[B, F, 3, H, W]`` in [0, 1] (``nn.Module`` rewards follow the same call), or names of built-in rewards
             (``"temporal_flicker"``, ``"colorfulness"``, ``"brightness"``, ``"sharpness"``). Extra dataset columns
             and ``trainer_state`` reach them as keyword arguments.
-        args: an :class:`~trl_arcopo.ARCoPOConfig`.
-        train_dataset / eval_dataset: datasets with a ``prompt`` column (one rollout group per row).
+        args: an :class:`~trl_arcopo.ARCoPOConfig`. With ``training_mode="semi_on_policy"`` the groups come from
+            the replay buffer ``args.replay_dataset`` (no generation; its stored rewards are read for the columns of
+            ``reward_funcs``, which are called only by :meth:`evaluate`).
+        train_dataset / eval_dataset: datasets with a ``prompt`` column (one rollout group per row). Semi-on-policy
+            training takes no ``train_dataset``: the buffer is the training dataset.
         peft_config: a ``peft.LoraConfig`` overriding the LoRA settings of ``args``.
         callbacks, optimizers: as in ``transformers.Trainer``.
 
@@ -115,6 +128,8 @@ class ARCoPOTrainer(Trainer):
         self.pipeline = pipeline
         self.reward_funcs = self._resolve_rewards(reward_funcs)
         self.reward_func_names = reward_names(self.reward_funcs)
+        if args.training_mode == "semi_on_policy":
+            train_dataset = self._load_replay_buffer(args, pipeline, train_dataset)
         self._check_against_pipeline(args, pipeline, train_dataset)
 
         transformer = pipeline.transformer
@@ -188,6 +203,29 @@ class ARCoPOTrainer(Trainer):
                 raise TypeError(f"Reward {func!r} is not callable.")
             resolved.append(func)
         return resolved
+
+    def _load_replay_buffer(self, args: ARCoPOConfig, pipeline: CausalWanPipeline, train_dataset) -> Dataset:
+        """The buffer of ``args.replay_dataset``, checked against this run: settings and reward columns."""
+        if train_dataset is not None:
+            raise ValueError(
+                "`training_mode='semi_on_policy'` trains on the groups of `replay_dataset`: do not pass a "
+                "`train_dataset`."
+            )
+        with args.main_process_first(desc="loading the replay buffer"):
+            buffer = load_replay_buffer(args.replay_dataset)
+        expected = generation_settings(
+            pipeline,
+            num_generations=args.num_generations,
+            noise_sigma=args.noise_sigma,
+            num_frames=args.num_frames,
+            height=args.height,
+            width=args.width,
+            exploration=args.exploration,
+        )
+        for settings in buffer_settings(buffer):
+            check_buffer_settings(settings, expected)
+        record_rewards(buffer.select_columns(["rewards"])[0], self.reward_func_names)  # every reward is stored
+        return buffer
 
     def _check_against_pipeline(self, args: ARCoPOConfig, pipeline: CausalWanPipeline, train_dataset) -> None:
         num_steps = len(pipeline.timesteps)
@@ -294,36 +332,51 @@ class ARCoPOTrainer(Trainer):
         self._metrics[mode]["rewards/failed_groups"].append(0.0)
         return rewards
 
+    def _rollout_group(self, row: dict, mode: str) -> tuple[RolloutGroup, torch.Tensor | None]:
+        """A group rolled out by the current policy and its rewards ``[G, K]`` (None: a reward failed)."""
+        args = self.args
+        pivot = sample_pivot(
+            self.num_chunks,
+            args.pivot_strategy,
+            index=args.pivot_index,
+            weights=args.pivot_weights,
+            generator=self.rollout_generator,
+        )
+        group = generate_group(
+            self.pipeline,
+            self.pipeline.encode_prompt(row["prompt"]),
+            num_generations=args.num_generations,
+            latent_shape=self.latent_shape,
+            pivot=pivot,
+            noise_sigma=args.noise_sigma,
+            exploration=args.exploration,
+            rollout_batch_size=args.rollout_batch_size,
+            generator=self.rollout_generator,
+        )
+        rewards = self._score([row["prompt"]] * args.num_generations, group.videos, row, args.num_generations, mode)
+        return group, rewards
+
+    def _replay_group(self, record: dict) -> tuple[RolloutGroup, torch.Tensor]:
+        """A group of the replay buffer (the reference policy's predictions are the old policy) and its stored
+        rewards ``[G, K]``."""
+        embeds = self.pipeline.encode_prompt(str(record["prompt"]))
+        group = record_to_group(record, embeds, device=self.accelerator.device)
+        return group, torch.stack(list(record_rewards(record, self.reward_func_names).values()), dim=1)
+
     @torch.no_grad()
     def _generate_and_score(self, rows: list[dict], mode: str) -> list[dict]:
-        args, pipeline = self.args, self.pipeline
+        """One group per row with its advantages: generated and scored by the current policy, or, in semi-on-policy
+        mode, read from the replay buffer (each row is a buffer record)."""
+        args = self.args
         weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
         groups, all_rewards, pivots = [], [], []
         start = time.perf_counter()
         self.model.eval()
         for row in rows:
-            embeds = pipeline.encode_prompt(row["prompt"])
-            pivot = sample_pivot(
-                self.num_chunks,
-                args.pivot_strategy,
-                index=args.pivot_index,
-                weights=args.pivot_weights,
-                generator=self.rollout_generator,
-            )
-            group = generate_group(
-                pipeline,
-                embeds,
-                num_generations=args.num_generations,
-                latent_shape=self.latent_shape,
-                pivot=pivot,
-                noise_sigma=args.noise_sigma,
-                exploration=args.exploration,
-                rollout_batch_size=args.rollout_batch_size,
-                generator=self.rollout_generator,
-            )
-            rewards = self._score(
-                [row["prompt"]] * args.num_generations, group.videos, row, args.num_generations, mode
-            )
+            if args.training_mode == "semi_on_policy":
+                group, rewards = self._replay_group(row)
+            else:
+                group, rewards = self._rollout_group(row, mode)
             valid = rewards is not None
             if not valid:
                 rewards = torch.full((args.num_generations, len(self.reward_funcs)), float("nan"), dtype=torch.float64)
@@ -336,11 +389,12 @@ class ARCoPOTrainer(Trainer):
             )[0]
             if not valid:
                 advantages = torch.zeros_like(advantages)
-            self._maybe_log_videos(row["prompt"], group)
-            group.videos = None  # scored; keep only what the loss needs
+            if group.videos is not None:
+                self._maybe_log_videos(row["prompt"], group)
+                group.videos = None  # scored; keep only what the loss needs
             groups.append({"group": group, "advantages": advantages.float(), "rewards": aggregated[0]})
             all_rewards.append(rewards)
-            pivots.append(float(pivot))
+            pivots.append(float(group.pivot))
         self.model.train()
         self._log_rollout_metrics(torch.stack(all_rewards), pivots, time.perf_counter() - start, groups, mode)
         return groups
@@ -580,8 +634,9 @@ class ARCoPOTrainer(Trainer):
             for j, item in enumerate(microbatch):
                 group: RolloutGroup = item["group"]
                 key = f"{i}.{j}"
-                for field_name in ("prompt_embeds", "prefix_latents", "inputs", "predictions", "noise", "latents"):
-                    tensors[f"{key}.{field_name}"] = getattr(group, field_name).detach().cpu().contiguous()
+                for field_name in _GROUP_TENSORS:
+                    if getattr(group, field_name) is not None:
+                        tensors[f"{key}.{field_name}"] = getattr(group, field_name).detach().cpu().contiguous()
                 tensors[f"{key}.advantages"] = item["advantages"].cpu()
                 tensors[f"{key}.rewards"] = item["rewards"].cpu()
                 meta["groups"].append({"key": key, "pivot": group.pivot, "exploration": group.exploration})
@@ -618,10 +673,7 @@ class ARCoPOTrainer(Trainer):
         buffered = [[] for _ in range(meta["microbatches"])]
         for entry in meta["groups"]:
             key = entry["key"]
-            fields = {
-                f: tensors[f"{key}.{f}"].to(device)
-                for f in ("prompt_embeds", "prefix_latents", "inputs", "predictions", "noise", "latents")
-            }
+            fields = {f: tensors[f"{key}.{f}"].to(device) if f"{key}.{f}" in tensors else None for f in _GROUP_TENSORS}
             group = RolloutGroup(**fields, pivot=entry["pivot"], videos=None, exploration=entry["exploration"])
             item = {"group": group, "advantages": tensors[f"{key}.advantages"], "rewards": tensors[f"{key}.rewards"]}
             buffered[int(key.split(".")[0])].append(item)
