@@ -122,6 +122,8 @@ def launch(module: ModuleType, launch_args: list[str], script_args: list[str]) -
         launch_args = [*launch_args[:index], "--config_file", str(config_file), *launch_args[index + 2 :]]
     parser = launch_command_parser()
     namespace, unknown = parser.parse_known_args([*launch_args, "--module", module.__name__, *script_args])
+    if namespace.training_script != module.__name__:  # a stray value was taken for the script to launch
+        unknown.append(namespace.training_script)
     if unknown:
         return _error(f"unrecognized arguments {unknown}: neither script options nor `accelerate launch` options")
     try:
