@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -233,3 +234,89 @@ def test_push_folder_to_hub_creates_the_repo_and_uploads(tmp_path, monkeypatch):
     assert calls[0] == ("create", ("merged",), {"token": "hf_secret", "private": True, "exist_ok": True})
     assert calls[1][2]["repo_id"] == "user/merged" and calls[1][2]["folder_path"] == tmp_path
     assert calls[1][2]["token"] == "hf_secret"
+
+
+def merge_script(*argv):
+    from trl_arcopo.scripts.merge import main
+
+    return main([str(a) for a in argv])
+
+
+def test_merge_script_exports_and_fuses_on_the_tiny_preset(adapter_dirs, tmp_path, capsys):
+    adapters = [f"--adapter=semi={adapter_dirs['semi']}", f"--adapter=on_policy={adapter_dirs['on_policy']}"]
+    pipe = loaded_pipeline(adapter_dirs)
+    merge_adapters(pipe, WEIGHTS)
+    merged = run(pipe)
+
+    out = merge_script("--preset", "tiny", *adapters, "--scale", "on_policy=0.8", "--output_dir", tmp_path / "lora")
+    assert out == tmp_path / "lora"
+    assert capsys.readouterr().out.strip() == f"{out}: merged LoRA W0 + 1·semi + 0.8·on_policy"
+    fresh = tiny_causal_wan_pipeline()
+    fresh.load_lora_weights(out)
+    torch.testing.assert_close(run(fresh), merged, atol=1e-5, rtol=0)
+    assert str(adapter_dirs["on_policy"]) in (out / "README.md").read_text()
+
+    # A saved pipeline as --model, fused into a whole pipeline.
+    tiny_causal_wan_pipeline().save_pretrained(tmp_path / "base")
+    out = merge_script(
+        "--model", tmp_path / "base", *adapters, "--scale=on_policy=0.8", "--fuse", "--output_dir", tmp_path / "fused"
+    )
+    torch.testing.assert_close(run(CausalWanPipeline.from_pretrained(out)), merged, atol=1e-5, rtol=0)
+
+
+def test_merge_script_pushes_the_output_folder(adapter_dirs, tmp_path, monkeypatch, capsys):
+    import trl_arcopo.scripts.merge as script
+
+    pushed = []
+    monkeypatch.setattr(script, "push_folder_to_hub", lambda *a, **k: pushed.append((a, k)) or "https://hf.co/commit")
+    out = merge_script(
+        "--preset", "tiny", f"--adapter=semi={adapter_dirs['semi']}", "--output_dir", tmp_path / "lora",
+        "--push_to_hub", "me/merged", "--private",
+    )  # fmt: skip
+    assert pushed == [((out, "me/merged"), {"private": True, "commit_message": "Upload merged LoRA"})]
+    assert "# me/merged" in (out / "README.md").read_text()  # the card is written for the Hub repo
+    assert capsys.readouterr().out.splitlines()[-1] == "https://hf.co/commit"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "tiny", "--adapter", "semi={semi}", "--scale", "on_policy=1"], r"--scale names \['on_policy'\]"),
+        (["--preset", "tiny", "--adapter", "semi={semi}", "--adapter", "semi={semi}"], "names must be unique"),
+        (["--preset", "tiny", "--adapter", "semi={semi}", "--scale", "semi=-1"], "must be a finite number >= 0"),
+        (["--preset", "tiny", "--adapter", "semi={semi}", "--scale", "semi=0"], "All scales in `weights` are 0"),
+        (["--preset", "tiny", "--adapter", "semi"], "'semi' is not NAME=VALUE"),
+        (["--adapter", "semi={semi}"], "pass exactly one of --model PATH_OR_REPO or --preset"),
+        (["--preset", "tiny", "--adapter", "semi={tmp}/missing"], "--adapter semi=.*/missing: no such file or folder"),
+        (["--model", "{tmp}/missing", "--adapter", "semi={semi}"], "--model .*/missing: "),
+        (["--preset", "tiny", "--adapter", "semi={bad}"], "--adapter semi=.*: "),
+        (["--preset", "tiny", "--adapter", "semi={other}"], "--adapter semi=.*: .*size mismatch"),
+        (["--preset", "tiny"], "the following arguments are required: --adapter"),
+    ],
+)
+def test_merge_script_bad_input_is_one_line_and_exit_2(adapter_dirs, tmp_path, capsys, argv, message):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / LORA_FILE).write_bytes(b"not a safetensors file")
+    if "{other}" in " ".join(argv):  # a LoRA of another architecture (head_dim 16 instead of 12)
+        other = tiny_causal_wan_pipeline(attention_head_dim=16)
+        config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"])
+        other.transformer.add_adapter(config)
+        CausalWanPipeline.save_lora_weights(
+            tmp_path / "other", transformer_lora_layers=get_peft_model_state_dict(other.transformer)
+        )
+    paths = {"semi": adapter_dirs["semi"], "tmp": tmp_path, "bad": tmp_path / "bad", "other": tmp_path / "other"}
+    with pytest.raises(SystemExit) as exit_info:
+        merge_script(*[a.format(**paths) for a in argv], "--output_dir", tmp_path / "out")
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert len(error_lines) == 1 and re.search(message, error_lines[0]), error_lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_script_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        merge_script("--help")
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--model", "--preset", "--adapter", "--scale", "--fuse", "--fused_component", "--push_to_hub"):
+        assert flag in text

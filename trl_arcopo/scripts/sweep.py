@@ -1,0 +1,151 @@
+"""`trl-arcopo sweep`: choose the merge scale of `W = W0 + ΔW_semi + s·ΔW_on` with the dual-benchmark rule.
+
+    trl-arcopo sweep --preset self-forcing --adapter semi=outputs/semi --adapter on_policy=outputs/on-policy \\
+        --in_domain videoalign --out_of_domain pickscore --prompt_file eval_prompts.txt --batch_size 4
+    trl-arcopo sweep --preset tiny --adapter semi=... --adapter on_policy=... \\
+        --in_domain brightness --out_of_domain sharpness                     # offline, seconds
+
+The base model (adapters disabled) and `{--fixed, --swept: s}` for every `--scales` value generate one video per
+prompt from the same seeds; the in-domain reward(s) and the out-of-domain metric(s) score the same videos. The
+selected scale is the largest that improves BOTH over the base (or none). Rewards are names of
+`trl_arcopo.rewards.load_reward` (built-ins, registered models, Hub ids, reward-server URLs). Writes `sweep.png` and
+`sweep.json` to `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+
+from trl_arcopo.evaluation import resolve_rewards
+from trl_arcopo.scripts.merge import add_generator_arguments, check_adapter_names, fail, load_generator, scale_spec
+from trl_arcopo.sweep import DEFAULT_SCALES, SweepResult, sweep_merge_scale
+
+# Held-out evaluation prompts of the tiny preset (words of the tiny tokenizer, not the training prompts).
+TINY_PROMPTS = [
+    "a white boat on the lake in the morning",
+    "a horse running on the beach",
+    "a girl dancing in the snow",
+    "a yellow flower in the garden",
+]
+# (num_frames, height, width) of each preset's generator; a --model is sized like self-forcing.
+SIZES = {"tiny": (21, 32, 32), "self-forcing": (81, 480, 832)}
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trl-arcopo sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    cuda = torch.cuda.is_available()
+    add_generator_arguments(parser, default_dtype="bfloat16" if cuda else "float32")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu", help="where the videos are generated")
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument("--swept", default="on_policy", help="the adapter whose scale is swept (default on_policy)")
+    sweep.add_argument(
+        "--fixed",
+        type=scale_spec,
+        action="append",
+        default=[],
+        metavar="NAME=SCALE",
+        help="an adapter kept at a fixed scale; repeatable (default: semi=1.0)",
+    )
+    sweep.add_argument(
+        "--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="scales of --swept to try"
+    )
+    sweep.add_argument("--in_domain", nargs="+", required=True, metavar="REWARD", help="the optimized reward(s)")
+    sweep.add_argument("--out_of_domain", nargs="+", required=True, metavar="REWARD", help="the independent metric(s)")
+    prompts = parser.add_argument_group("prompts (default: a few held-out prompts with --preset tiny)")
+    prompts.add_argument("--prompt_file", type=Path, help="a text file with one prompt per line")
+    prompts.add_argument("--dataset_name", help="a Hub dataset id or local path with a prompt column")
+    prompts.add_argument("--dataset_split", default="train", help="split of --dataset_name (default train)")
+    prompts.add_argument("--prompt_column", default="prompt", help="column of --dataset_name (default prompt)")
+    prompts.add_argument("--max_prompts", type=int, help="evaluate only the first N prompts")
+    generation = parser.add_argument_group("generation")
+    generation.add_argument("--num_frames", type=int, help="pixel frames, 9 + 12·(chunks - 1) (preset default)")
+    generation.add_argument("--height", type=int, help="pixels, a multiple of 16 (preset default)")
+    generation.add_argument("--width", type=int, help="pixels, a multiple of 16 (preset default)")
+    generation.add_argument("--batch_size", type=int, default=1, help="videos per pipeline call")
+    generation.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, for every model")
+    parser.add_argument(
+        "--output_dir", type=Path, default=Path("outputs/merge-sweep"), help="sweep.png and sweep.json go here"
+    )
+    return parser
+
+
+def load_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt_file is not None:
+        try:
+            prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError):
+            fail(f"--prompt_file {args.prompt_file} is not a readable text file")
+    elif args.dataset_name is not None:
+        try:
+            dataset = load_dataset(args.dataset_name, split=args.dataset_split)
+        except (OSError, ValueError) as error:
+            fail(f"--dataset_name {args.dataset_name} (split {args.dataset_split}): {error}")
+        if args.prompt_column not in dataset.column_names:
+            fail(
+                f"--prompt_column {args.prompt_column!r} is not a column of {args.dataset_name}: {dataset.column_names}"
+            )
+        prompts = list(dataset[args.prompt_column])
+    elif args.preset == "tiny":
+        prompts = TINY_PROMPTS
+    else:
+        fail("pass evaluation prompts with --prompt_file or --dataset_name")
+    if args.max_prompts is not None:
+        if args.max_prompts < 1:
+            fail(f"--max_prompts must be >= 1, got {args.max_prompts}")
+        prompts = prompts[: args.max_prompts]
+    if not prompts:
+        fail("no prompts to evaluate")
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> SweepResult:
+    """Run the sweep, print the table and the choice, write `sweep.png` and `sweep.json`; returns the result."""
+    args = make_parser().parse_args(argv)
+    fixed = dict(args.fixed) or {"semi": 1.0}
+    if args.swept in fixed:
+        fail(f"--swept {args.swept} is also given in --fixed; remove it there")
+    sources = check_adapter_names(args, "--fixed/--swept", [*fixed, args.swept])
+    prompts = load_prompts(args)
+    try:
+        in_domain, out_of_domain = resolve_rewards(args.in_domain), resolve_rewards(args.out_of_domain)
+    except ValueError as error:
+        fail(str(error))
+    pipe = load_generator(args, sources).to(args.device)
+    default_size = SIZES.get(args.preset, SIZES["self-forcing"])
+    num_frames, height, width = (
+        given or default
+        for given, default in zip((args.num_frames, args.height, args.width), default_size, strict=True)
+    )
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = sweep_merge_scale(
+            pipe,
+            prompts,
+            in_domain=in_domain,
+            out_of_domain=out_of_domain,
+            scales=args.scales,
+            fixed=fixed,
+            swept=args.swept,
+            plot_path=args.output_dir / "sweep.png",
+            num_frames=num_frames,
+            height=height,
+            width=width,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    except ValueError as error:  # bad scales or sizes
+        fail(str(error))
+    (args.output_dir / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2))
+    print(f"{args.output_dir}: sweep.png, sweep.json")
+    return result
+
+
+if __name__ == "__main__":
+    main()
