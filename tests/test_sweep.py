@@ -1,6 +1,8 @@
 """Merge-scale sweep: the dual-benchmark rule, the sweep's evaluations, table, plot and final adapter state."""
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -155,3 +157,98 @@ def test_bad_input_fails_before_any_generation(stub_evaluator, kwargs, message):
     with pytest.raises(ValueError, match=message):
         sweep_merge_scale(two_adapter_pipeline(), ["a cat"], **arguments)
     assert stub_evaluator == []
+
+
+@pytest.fixture(scope="module")
+def saved_adapters(tmp_path_factory):
+    from peft.utils import get_peft_model_state_dict
+
+    from trl_arcopo import CausalWanPipeline
+
+    pipe, root = two_adapter_pipeline(), tmp_path_factory.mktemp("adapters")
+    for name in RANKS:
+        CausalWanPipeline.save_lora_weights(
+            root / name,
+            transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name=name),
+            transformer_lora_adapter_metadata=pipe.transformer.peft_config[name].to_dict(),
+        )
+    return {name: root / name for name in RANKS}
+
+
+def sweep_script(*argv):
+    from trl_arcopo.scripts.sweep import main
+
+    return main([str(a) for a in argv])
+
+
+def test_sweep_script_on_the_tiny_preset(saved_adapters, tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prompts.csv").write_text("text\na red car\na cat\na dog\n")
+    out = tmp_path / "out"
+    result = sweep_script(
+        "--preset", "tiny", "--adapter", f"semi={saved_adapters['semi']}",
+        "--adapter", f"on_policy={saved_adapters['on_policy']}", "--fixed", "semi=0.5",
+        "--in_domain", "brightness", "--out_of_domain", "sharpness", "colorfulness", "--scales", "1", "0.5",
+        "--dataset_name", tmp_path / "data", "--prompt_column", "text", "--max_prompts", "2",
+        "--num_frames", "9", "--batch_size", "2", "--seed", "5", "--output_dir", out,
+    )  # fmt: skip
+    assert [p.scale for p in result.points] == [0.5, 1.0] and result.fixed == {"semi": 0.5}
+    assert result.out_of_domain_columns == ["sharpness_reward", "colorfulness_reward"]
+    assert result.base.evaluation.table["prompt"] == ["a red car", "a cat"]
+    assert result.base.evaluation.table["seed"] == [5, 6]
+    assert json.loads((out / "sweep.json").read_text()) == result.to_dict()
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "| base |" in printed and f"{out}: sweep.png, sweep.json" in printed
+
+    # The same videos as an evaluation of the tiny generator with the same adapters and seeds.
+    pipe = two_adapter_pipeline()
+    alone = evaluate_pipeline(
+        pipe, ["a red car", "a cat"], ["brightness"], adapters={"semi": 0.5, "on_policy": 1.0}, seed=5, **SIZE
+    )
+    assert result.points[1].evaluation.table["brightness_reward"] == pytest.approx(
+        alone.table["brightness_reward"], abs=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--in_domain", "nope"], "Unknown reward 'nope'"),
+        (["--fixed", "on_policy=1"], "--swept on_policy is also given in --fixed"),
+        (["--fixed", "semi=1", "--fixed", "other=1"], r"--fixed/--swept names \['other'\]"),
+        (["--swept", "other"], r"--fixed/--swept names \['other'\]"),
+        (["--prompt_file", "{tmp}/missing.txt"], "--prompt_file .*missing.txt is not a readable text file"),
+        (["--prompt_file", "{tmp}/empty.txt"], "no prompts to evaluate"),
+        (["--max_prompts", "0"], "--max_prompts must be >= 1, got 0"),
+        (["--dataset_name", "{tmp}", "--prompt_column", "caption"], "--prompt_column 'caption' is not a column"),
+        (["--scales", "0.5", "-1"], r"`scales` must be finite numbers >= 0, got -1"),
+        (["--num_frames", "10"], "`num_frames`=10 does not split into whole chunks"),
+        (["--scales"], "argument --scales: expected at least one argument"),
+    ],
+)
+def test_sweep_script_bad_input_is_one_line_and_exit_2(saved_adapters, tmp_path, capsys, argv, message):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "prompts.csv").write_text("prompt\na cat\n")
+    adapters = [f"--adapter=semi={saved_adapters['semi']}", f"--adapter=on_policy={saved_adapters['on_policy']}"]
+    defaults = ["--in_domain", "brightness", "--out_of_domain", "sharpness", "--output_dir", tmp_path / "out"]
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_script("--preset", "tiny", *adapters, *defaults, *[a.format(tmp=tmp_path) for a in argv])
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert len(error_lines) == 1 and re.search(message, error_lines[0]), error_lines
+    assert not (tmp_path / "out" / "sweep.json").exists()
+
+
+def test_sweep_script_needs_prompts_for_a_real_model_and_has_full_help(saved_adapters, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_script("--model", "org/model", "--adapter=on_policy=org/lora", "--adapter=semi=org/lora2",
+                     "--in_domain", "brightness", "--out_of_domain", "sharpness")  # fmt: skip
+    assert exit_info.value.code == 2
+    assert "pass evaluation prompts with --prompt_file or --dataset_name" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_script("--help")
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--adapter", "--fixed", "--swept", "--scales", "--in_domain", "--out_of_domain", "--prompt_file"):
+        assert flag in text
