@@ -13,14 +13,18 @@ _LAZY_EXPORTS = {
     "ARCoPOTrainer": "trl_arcopo.arcopo_trainer",
     "CausalWanPipeline": "trl_arcopo.pipelines.causal_wan",
     "CausalWanPipelineOutput": "trl_arcopo.pipelines.causal_wan",
+    "merge_adapters": "trl_arcopo.adapters",
+    "sweep_merge_scale": "trl_arcopo.sweep",
 }
 
 __all__ = sorted(_LAZY_EXPORTS)
 
 if TYPE_CHECKING:
+    from .adapters import merge_adapters
     from .arcopo_config import ARCoPOConfig
     from .arcopo_trainer import ARCoPOTrainer
     from .pipelines.causal_wan import CausalWanPipeline, CausalWanPipelineOutput
+    from .sweep import sweep_merge_scale
 
 
 def __getattr__(name: str):
