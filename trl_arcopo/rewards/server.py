@@ -202,7 +202,6 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"Clients authenticate with `Authorization: Bearer <token>`; set the same {TOKEN_ENV} on both sides. "
         "Traffic is plain HTTP unless --ssl_certfile/--ssl_keyfile are given: keep the default loopback --host and "
         "reach remote servers through an SSH tunnel, or use TLS.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--reward",
@@ -217,9 +216,9 @@ def _parser() -> argparse.ArgumentParser:
         help='Keyword arguments for `load_reward`, as a JSON object (e.g. \'{"revision": "main"}\').',
     )
     parser.add_argument(
-        "--host", default="127.0.0.1", help="Address to listen on; the default accepts local connections only."
+        "--host", default="127.0.0.1", help="Address to listen on (default: %(default)s, local connections only)."
     )
-    parser.add_argument("--port", type=int, default=8008, help="Port to listen on.")
+    parser.add_argument("--port", type=int, default=8008, help="Port to listen on (default: %(default)s).")
     parser.add_argument(
         "--token",
         default=None,
@@ -235,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max_payload_mb",
         type=float,
         default=DEFAULT_MAX_PAYLOAD_MB,
-        help="Largest request body accepted, in MiB (larger ones get 413).",
+        help="Largest request body accepted, in MiB; larger ones get 413 (default: %(default)s).",
     )
     parser.add_argument(
         "--device",
@@ -252,7 +251,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ssl_certfile", default=None, help="TLS certificate file (serve HTTPS).")
     parser.add_argument("--ssl_keyfile", default=None, help="TLS private key file (serve HTTPS).")
     parser.add_argument(
-        "--log_level", default="info", choices=("critical", "error", "warning", "info", "debug"), help="Log level."
+        "--log_level",
+        default="info",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="Log level (default: %(default)s).",
     )
     return parser
 
