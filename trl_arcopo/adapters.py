@@ -120,7 +120,7 @@ def merged_lora_state_dict(
     The combination is activated on ``pipe`` as by :func:`merge_adapters`.
 
     Returns:
-        ``(state_dict, lora_config)``: keys ``"{module}.lora_A.weight"`` / ``"{module}.lora_B.weight"`` (CPU
+        ``(state_dict, lora_config)``: keys ``"{module}.lora_A.weight"`` / ``"{module}.lora_B.weight"`` (float32 CPU
         tensors, as ``peft.get_peft_model_state_dict`` names them) and ``LoraConfig.to_dict()`` for
         ``save_lora_weights(..., transformer_lora_adapter_metadata=...)``, with per-layer ranks in ``rank_pattern``.
 
@@ -143,9 +143,10 @@ def merged_lora_state_dict(
                     f"Adapter {name!r} uses DoRA or a LoRA bias on {module_name}; only plain LoRA adapters can be "
                     "exported as one LoRA. Use `fuse_adapters` instead."
                 )
-        # After `merge_adapters`, `layer.scaling[name]` is s_k·alpha_k/r_k (or /sqrt(r_k) for rsLoRA).
-        lora_a = torch.cat([layer.lora_A[name].weight for name in present], dim=0)
-        lora_b = torch.cat([layer.lora_B[name].weight * layer.scaling[name] for name in present], dim=1)
+        # After `merge_adapters`, `layer.scaling[name]` is s_k·alpha_k/r_k (or /sqrt(r_k) for rsLoRA). Exported in
+        # float32 so that scaling B adds no rounding of a low-precision dtype.
+        lora_a = torch.cat([layer.lora_A[name].weight.float() for name in present], dim=0)
+        lora_b = torch.cat([layer.lora_B[name].weight.float() * layer.scaling[name] for name in present], dim=1)
         state_dict[f"{module_name}.lora_A.weight"] = lora_a.detach().cpu().contiguous()
         state_dict[f"{module_name}.lora_B.weight"] = lora_b.detach().cpu().contiguous()
         ranks[module_name] = lora_a.shape[0]
