@@ -4,7 +4,6 @@ import contextlib
 import json
 import logging
 import math
-import socket
 import sys
 import threading
 import time
@@ -28,32 +27,10 @@ from trl_arcopo.rewards.remote import (
     decode_score_request,
     encode_score_request,
 )
-from trl_arcopo.rewards.server import create_app, main
+from trl_arcopo.rewards.server import create_app, main, serve_in_background
 
 TOKEN = "test-secret-token"
 PROMPTS = ["a cat", "a dog", "a boat"]
-
-
-@contextlib.contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a background thread on a free loopback port; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.005)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture
@@ -63,14 +40,14 @@ def start_server() -> Iterator[Callable[..., str]]:
 
         def start(reward_fn: Callable, **kwargs) -> str:
             kwargs.setdefault("token", TOKEN)
-            return stack.enter_context(serve(create_app(reward_fn, **kwargs)))
+            return stack.enter_context(serve_in_background(create_app(reward_fn, **kwargs)))
 
         yield start
 
 
 @pytest.fixture(scope="module")
 def brightness_url() -> Iterator[str]:
-    with serve(create_app(brightness_reward, token=TOKEN, max_payload_bytes=64 * 2**10)) as url:
+    with serve_in_background(create_app(brightness_reward, token=TOKEN, max_payload_bytes=64 * 2**10)) as url:
         yield url
 
 
@@ -256,7 +233,7 @@ def test_server_down_retries_then_clear_error(start_server, videos, monkeypatch)
     remote = RemoteReward(url, TOKEN, max_retries=3, backoff_factor=0.01)
     assert remote(PROMPTS, videos) == brightness_reward(PROMPTS, videos.half().float())
 
-    with serve(create_app(brightness_reward, token=TOKEN)) as stopped_url:
+    with serve_in_background(create_app(brightness_reward, token=TOKEN)) as stopped_url:
         pass  # a port where a server ran and stopped: connections are refused
     remote = RemoteReward(stopped_url, TOKEN, max_retries=3, backoff_factor=0.01)
     attempts = []
@@ -289,7 +266,7 @@ def test_retries_only_gateway_errors(start_server, status, calls):
         count[0] += 1
         return JSONResponse({"detail": f"status {status}"}, status_code=status)
 
-    with serve(app) as url:
+    with serve_in_background(app) as url:
         with pytest.raises(RemoteRewardError, match=f"answered {status}: status {status}") as info:
             RemoteReward(url, TOKEN, max_retries=3, backoff_factor=0)(["p"], torch.rand(1, 1, 3, 2, 2))
     assert info.value.status_code == status and count[0] == calls
@@ -304,7 +281,7 @@ def test_retry_then_success(start_server):
         count[0] += 1
         return {"scores": [0.25]} if count[0] == 3 else JSONResponse({"detail": "busy"}, status_code=502)
 
-    with serve(app) as url:
+    with serve_in_background(app) as url:
         assert RemoteReward(url, TOKEN, backoff_factor=0)(["p"], torch.rand(1, 1, 3, 2, 2)) == [0.25]
     assert count[0] == 3
 
@@ -460,7 +437,7 @@ def test_main_serves_the_loaded_reward(monkeypatch, caplog, videos):
         "ssl_certfile": None,
         "ssl_keyfile": None,
     }
-    with serve(app) as url:
+    with serve_in_background(app) as url:
         remote = RemoteReward(url, TOKEN, payload_dtype=torch.float32)
         assert remote(PROMPTS, videos) == brightness_reward(PROMPTS, videos)
         assert remote.health()["name"] == "bright"
@@ -473,5 +450,5 @@ def test_main_serves_the_loaded_reward(monkeypatch, caplog, videos):
     with caplog.at_level(logging.WARNING, logger="trl_arcopo.rewards.server"):
         main(["--reward", "brightness", "--no_auth", "--host", "0.0.0.0"])
     assert "Authentication is disabled (--no_auth)" in caplog.text and "plain HTTP" in caplog.text
-    with serve(runs[-1][0]) as url:
+    with serve_in_background(runs[-1][0]) as url:
         assert RemoteReward(url).health()["name"] == "brightness_reward"

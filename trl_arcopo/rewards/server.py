@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import inspect
 import ipaddress
@@ -31,8 +32,10 @@ import json
 import logging
 import math
 import os
+import socket
 import threading
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any
 
 import torch
@@ -49,7 +52,7 @@ from .. import __version__
 from .protocol import normalize_reward_output, reward_name
 from .remote import TOKEN_ENV, Videos, decode_score_request
 
-__all__ = ["DEFAULT_MAX_PAYLOAD_MB", "create_app", "main"]
+__all__ = ["DEFAULT_MAX_PAYLOAD_MB", "create_app", "main", "serve_in_background"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +177,32 @@ def create_app(
 # --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a daemon thread of this process (``port=0``: a free port); yield the base URL.
+
+    For notebooks, tests and benchmarks; the server stops when the ``with`` block ends.
+    """
+    sock = socket.socket()
+    sock.bind((host, port))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError(f"the reward server did not start on {host}:{port}")
+        time.sleep(0.005)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def _json_object(text: str) -> dict[str, Any]:
