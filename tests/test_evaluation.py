@@ -113,6 +113,7 @@ def test_reward_failures_are_clear_errors(pipe):
     ("kwargs", "error", "message"),
     [
         ({"prompts": []}, ValueError, "`prompts` is empty"),
+        ({"prompts": "a cat"}, ValueError, "got the string 'a cat'; wrap it in a list"),
         ({"prompts": ["a cat", 3]}, ValueError, r"`prompts` must be strings; entries \[1\]"),
         ({"prompts": Dataset.from_dict({"text": ["a cat"]})}, ValueError, "needs a 'prompt' column.*'text'"),
         ({"batch_size": 0}, ValueError, "`batch_size` must be an integer >= 1, got 0"),

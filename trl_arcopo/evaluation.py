@@ -128,8 +128,8 @@ def evaluate_pipeline(
             :class:`~trl_arcopo.CausalWanPipeline`).
         prompts: the prompts, or a ``datasets.Dataset`` with a ``prompt`` column whose other columns are passed to
             the rewards as keyword arguments (lists for the batch), as in training.
-        reward_funcs: one reward or several, callables following :mod:`trl_arcopo.rewards.protocol` or built-in
-            reward names.
+        reward_funcs: one reward or several: callables following :mod:`trl_arcopo.rewards.protocol`, or names for
+            :func:`~trl_arcopo.rewards.load_reward` (``"brightness"``, ``"videoalign"``, Hub ids, server URLs).
         num_frames, height, width: video size (pixel frames, pixels).
         batch_size: prompts per pipeline call.
         seed: base seed; prompt ``i`` uses ``seed + i``.
@@ -155,6 +155,8 @@ def evaluate_pipeline(
             raise ValueError(f"The prompts dataset needs a 'prompt' column; it has {prompts.column_names}.")
         extra_columns = {name: list(prompts[name]) for name in prompts.column_names if name != "prompt"}
         prompts = list(prompts["prompt"])
+    elif isinstance(prompts, str):
+        raise ValueError(f"`prompts` must be a list of prompts, got the string {prompts!r}; wrap it in a list.")
     else:
         extra_columns = {}
         prompts = list(prompts)
