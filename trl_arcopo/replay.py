@@ -61,6 +61,7 @@ __all__ = [
     "record_rewards",
     "record_to_group",
     "replay_features",
+    "validate_replay_buffer",
 ]
 
 REPLAY_COLUMNS = (
@@ -473,7 +474,8 @@ def collect_replay_buffer(
     return Dataset.from_list(records, features=replay_features(settings, columns))
 
 
-def _check_columns(dataset: Dataset | IterableDataset, source: str) -> None:
+def validate_replay_buffer(dataset: Dataset | IterableDataset, source: str = "The dataset") -> None:
+    """Raise a ``ValueError`` if ``dataset`` lacks a replay column, or (map-style) holds no group."""
     names = dataset.column_names or list(dataset.features or {})
     missing = [c for c in REPLAY_COLUMNS if c not in names]
     if missing:
@@ -481,6 +483,8 @@ def _check_columns(dataset: Dataset | IterableDataset, source: str) -> None:
             f"{source} is not a replay buffer: it lacks the column(s) {missing} (it has {names}). Collect one with "
             "`trl-arcopo collect` or `trl_arcopo.replay.collect_replay_buffer`."
         )
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"{source} holds no rollout group: collect some before training on it.")
 
 
 def load_replay_buffer(
@@ -517,12 +521,8 @@ def load_replay_buffer(
             str(path_or_repo_id), repo_type="dataset", revision=revision, cache_dir=cache_dir, token=token
         )
         dataset = load_dataset(local, split=split)
-    _check_columns(dataset, source)
-    if isinstance(dataset, IterableDataset):
-        return dataset
-    if len(dataset) == 0:
-        raise ValueError(f"{source} holds no rollout group: collect some before training on it.")
-    return dataset.with_format("numpy", dtype=None)
+    validate_replay_buffer(dataset, source)
+    return dataset if streaming else dataset.with_format("numpy", dtype=None)
 
 
 def buffer_settings(dataset: Dataset) -> list[dict[str, Any]]:
