@@ -30,7 +30,7 @@ from .registry import available_rewards, load_reward, register_reward
 
 if TYPE_CHECKING:
     from .clip import AestheticReward, CLIPScoreReward, PickScoreReward
-    from .remote import RemoteReward
+    from .remote import RemoteReward, RemoteRewardError
     from .videoalign import VideoAlignReward
 
 # Public names defined in modules imported on first access.
@@ -39,6 +39,7 @@ _LAZY_EXPORTS = {
     "CLIPScoreReward": ".clip",
     "PickScoreReward": ".clip",
     "RemoteReward": ".remote",
+    "RemoteRewardError": ".remote",
     "VideoAlignReward": ".videoalign",
 }
 
@@ -48,6 +49,7 @@ __all__ = [
     "CLIPScoreReward",
     "PickScoreReward",
     "RemoteReward",
+    "RemoteRewardError",
     "RewardFunctionError",
     "RewardOutputError",
     "VideoAlignReward",
