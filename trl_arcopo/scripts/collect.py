@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 from trl import TrlParser
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> Dataset | None:
     """Collect (resuming), merge on the main process and push if asked. Returns the merged buffer on the main
     process (None on the others)."""
     args = parse(argv)
-    state = PartialState()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as `Accelerator` reads `launch --cpu`
     prompts = list(load_prompts(args)["prompt"])
     try:
         reward_funcs = [load_reward(name) for name in args.reward_funcs]
