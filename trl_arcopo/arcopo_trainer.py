@@ -33,8 +33,10 @@ from .replay import (
     check_buffer_settings,
     generation_settings,
     load_replay_buffer,
+    pipeline_model_id,
     record_rewards,
     record_to_group,
+    select_reward_columns,
 )
 from .rewards import BUILTIN_REWARDS, RewardFunctionError, RewardOutputError, compute_rewards, reward_names
 from .rollout import RolloutGroup, generate_group, rebuild_context, sample_pivot
@@ -224,7 +226,7 @@ class ARCoPOTrainer(Trainer):
         )
         for settings in buffer_settings(buffer):
             check_buffer_settings(settings, expected)
-        record_rewards(buffer.select_columns(["rewards"])[0], self.reward_func_names)  # every reward is stored
+        select_reward_columns(list(buffer.features["rewards"]), self.reward_func_names)  # every reward is stored
         return buffer
 
     def _check_against_pipeline(self, args: ARCoPOConfig, pipeline: CausalWanPipeline, train_dataset) -> None:
@@ -693,7 +695,7 @@ class ARCoPOTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         output_dir = output_dir or self.args.output_dir
-        base_model = getattr(self.pipeline, "generator_id", None) or self.pipeline.name_or_path or None
+        base_model = pipeline_model_id(self.pipeline)
         if base_model and os.path.isdir(base_model):
             base_model = None
         tags = [tags] if isinstance(tags, str) else list(tags or [])

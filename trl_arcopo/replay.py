@@ -61,6 +61,7 @@ __all__ = [
     "record_rewards",
     "record_to_group",
     "replay_features",
+    "select_reward_columns",
     "validate_replay_buffer",
 ]
 
@@ -333,27 +334,30 @@ def record_to_group(
     )
 
 
-def record_rewards(record: Mapping[str, Any], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """The stored rewards of one row as ``{column: float64 [G]}``.
+def select_reward_columns(columns: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The reward columns of reward functions ``names``: a name picks its column, or all its ``name:head`` columns.
 
-    ``names`` selects reward functions by name: a name picks its column, or all its ``name:head`` columns. By
-    default every stored column is returned.
+    Raises:
+        ValueError: a name has no column.
     """
-    stored = {
-        name: torch.tensor(np.asarray(values), dtype=torch.float64) for name, values in record["rewards"].items()
-    }
-    if names is None:
-        return stored
-    selected = {}
+    selected = []
     for name in names:
-        columns = [c for c in stored if c == name or c.startswith(f"{name}:")]
-        if not columns:
+        matches = [c for c in columns if c == name or c.startswith(f"{name}:")]
+        if not matches:
             raise ValueError(
-                f"The replay buffer has no rewards for {name!r}; its reward columns are {sorted(stored)}. Pass the "
+                f"The replay buffer has no rewards for {name!r}; its reward columns are {sorted(columns)}. Pass the "
                 "reward functions the buffer was scored with."
             )
-        selected.update({c: stored[c] for c in columns})
+        selected += matches
     return selected
+
+
+def record_rewards(record: Mapping[str, Any], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The stored rewards of one row as ``{column: float64 [G]}``, of every column or of the reward functions
+    ``names`` (see :func:`select_reward_columns`)."""
+    rewards = record["rewards"]
+    columns = list(rewards) if names is None else select_reward_columns(list(rewards), names)
+    return {name: torch.tensor(np.asarray(rewards[name]), dtype=torch.float64) for name in columns}
 
 
 @contextlib.contextmanager
