@@ -220,7 +220,8 @@ def collect_shards(
 
 def merge_shards(output_dir: str | os.PathLike) -> Dataset:
     """Merge the merged buffer of ``output_dir`` (if any) and its shards into ``output_dir``, sorted by group index,
-    then delete the shards. The new buffer is complete on disk before anything is deleted."""
+    then delete the shards. The new buffer is written completely before the old one is replaced; a crash during the
+    replacement can only cost re-collecting the groups of the old one, which a rerun reproduces identically."""
     output_dir = Path(output_dir)
     parts = _collected(output_dir)
     if not parts:
