@@ -52,18 +52,20 @@ def test_parse_lora_reads_an_optional_scale():
 
 
 def test_loras_are_applied_at_their_scales(lora_dir):
-    base = _frames(generate.load_pipeline(generate.make_parser().parse_args([])))
+    base = _frames(generate.load_pipeline(generate.make_parser().parse_args(["--device", "cpu"])))
     manual = tiny_causal_wan_pipeline()
     manual.load_lora_weights(lora_dir)
     with_lora = _frames(manual)
     assert (with_lora - base).abs().max() > 1e-3  # the LoRA changes the video
 
-    args = generate.make_parser().parse_args(["--lora", str(lora_dir)])
+    args = generate.make_parser().parse_args(["--device", "cpu", "--lora", str(lora_dir)])
     torch.testing.assert_close(_frames(generate.load_pipeline(args)), with_lora, rtol=0, atol=1e-6)
-    args = generate.make_parser().parse_args(["--lora", f"{lora_dir}=0"])
+    args = generate.make_parser().parse_args(["--device", "cpu", "--lora", f"{lora_dir}=0"])
     torch.testing.assert_close(_frames(generate.load_pipeline(args)), base, rtol=0, atol=1e-6)
     # Two LoRAs at 0.5 each add up to the LoRA at 1 (W0 + 0.5·ΔW + 0.5·ΔW).
-    args = generate.make_parser().parse_args(["--lora", f"{lora_dir}=0.5", "--lora", f"{lora_dir}=0.5"])
+    args = generate.make_parser().parse_args(
+        ["--device", "cpu", "--lora", f"{lora_dir}=0.5", "--lora", f"{lora_dir}=0.5"]
+    )
     torch.testing.assert_close(_frames(generate.load_pipeline(args)), with_lora, rtol=0, atol=1e-5)
 
 
