@@ -224,7 +224,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _parser() -> argparse.ArgumentParser:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trl-arcopo-reward-server",
         description="Serve a trl_arcopo video reward over HTTP, for `trl_arcopo.rewards.RemoteReward`.",
@@ -290,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``trl-arcopo-reward-server`` (see ``--help``)."""
-    parser = _parser()
+    parser = make_parser()
     args = parser.parse_args(argv)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if args.no_auth and token:
