@@ -31,7 +31,8 @@ class RolloutGroup:
         predictions: ``[T, G, C, f, H, W]`` the old policy's x̂0 of every step and candidate.
         noise: ``[T-1, G, C, f, H, W]`` the re-noise draws of the pivot chunk (identical across candidates for
             ``"fork"``, independent for ``"sde"``).
-        latents: ``[G, C, F, H, W]`` every branch's final clean latent video.
+        latents: ``[G, C, F, H, W]`` every branch's final clean latent video; None for groups replayed from a buffer
+            (only the pivot chunk is stored).
         videos: ``[G, num_frames, 3, height, width]`` decoded in [0, 1] (None when not decoded).
         exploration: ``"fork"`` or ``"sde"``.
     """
@@ -42,7 +43,7 @@ class RolloutGroup:
     inputs: torch.Tensor
     predictions: torch.Tensor
     noise: torch.Tensor
-    latents: torch.Tensor
+    latents: torch.Tensor | None
     videos: torch.Tensor | None
     exploration: str = "fork"
 
