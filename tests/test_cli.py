@@ -1,6 +1,6 @@
 """The `trl-arcopo` console script: dispatch, help, accelerate relaunching and clear errors."""
 
-import importlib.util
+import importlib
 import re
 import subprocess
 import sys
@@ -37,11 +37,7 @@ def test_top_level_help_lists_every_command(capsys):
 @pytest.mark.parametrize("name", list(cli.COMMANDS))
 def test_every_command_prints_its_complete_help(name, capsys):
     command = cli.COMMANDS[name]
-    if importlib.util.find_spec(command.module) is None:
-        pytest.skip(f"{command.module} is not written yet")
     module = importlib.import_module(command.module)
-    if not hasattr(module, "make_parser"):
-        pytest.xfail(f"{command.module} has no make_parser() (the contract of every script module)")
     with pytest.raises(SystemExit) as exit_info:
         cli.main([name, "--help"])
     assert exit_info.value.code == 0
