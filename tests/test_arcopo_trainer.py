@@ -287,6 +287,34 @@ def test_evaluate_scores_without_training(tmp_path):
     assert all(torch.equal(before[n], p) for n, p in _lora(trainer).items())
 
 
+class HeadsJudge:
+    """A reward returning heads, like VideoAlign: VQ (brightness), TA (redness) and Overall (their sum)."""
+
+    __name__ = "judge"
+
+    def __call__(self, prompts, videos, **kwargs):
+        vq, ta = torch.tensor(brightness_reward(prompts, videos)), torch.tensor(redness(prompts, videos))
+        self.last = {"VQ": vq, "TA": ta, "Overall": vq + ta}
+        return {head: values.tolist() for head, values in self.last.items()}
+
+
+def test_reward_heads_weighted_by_column(tmp_path):
+    judge = HeadsJudge()
+    weights = {"judge:VQ": 1.0, "judge:TA": 2.0}  # Overall not listed: weight 0
+    trainer = ARCoPOTrainer(
+        tiny_causal_wan_pipeline(), judge, args=_config(tmp_path, reward_weights=weights), train_dataset=PROMPTS
+    )
+    (item,) = trainer._generate_and_score([{"prompt": "a red car"}], mode="train")
+    assert trainer.reward_columns == ["judge:VQ", "judge:TA", "judge:Overall"]
+    assert trainer.reward_column_weights.tolist() == [1.0, 2.0, 0.0]
+    expected = judge.last["VQ"].double() + 2 * judge.last["TA"].double()
+    torch.testing.assert_close(item["rewards"], expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(item["advantages"], copo.group_advantages(expected[None])[0].float())
+    logged = trainer._metrics["train"]
+    assert logged["rewards/judge:TA/mean"] == [pytest.approx(judge.last["TA"].double().mean().item())]
+    assert logged["reward"] == [pytest.approx(expected.mean().item())]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -294,7 +322,7 @@ def test_evaluate_scores_without_training(tmp_path):
         ({"reward_funcs": []}, "`reward_funcs` is empty"),
         ({"args": {"num_frames": 17}}, "not a multiple of the pipeline's chunk size"),
         ({"args": {"train_steps": [4]}}, "`train_steps`"),
-        ({"args": {"reward_weights": [1.0, 2.0]}}, "`reward_weights` has 2 entries for 1 reward"),
+        ({"args": {"reward_weights": {"sharpness": 1.0}}}, "`reward_weights` keys ['sharpness'] name no reward"),
         ({"args": {"pivot_strategy": "fixed", "pivot_index": 2}}, "`pivot_index`=2 but videos have 2 chunks"),
         ({"train_dataset": Dataset.from_dict({"text": ["a"]})}, "needs a 'prompt' column"),
     ],
@@ -332,7 +360,7 @@ def test_evaluation_during_training_keeps_train_and_eval_metrics_apart(tmp_path)
     evals = [h for h in trainer.state.log_history if "eval_reward" in h]
     trains = [h for h in trainer.state.log_history if "loss" in h]
     assert len(evals) == 2 and len(trains) == 2
-    assert all("ratio/mean" not in h and "eval_rewards/failed_groups" in h for h in evals)
+    assert all("ratio/mean" not in h and "eval_rewards/failed" in h for h in evals)
     assert "ratio/mean" in trains[0] and "reward" in trains[0]
 
 

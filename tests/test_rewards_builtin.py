@@ -3,6 +3,7 @@
 import asyncio
 import functools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from trl_arcopo.rewards import (
     colorfulness_reward,
     compute_rewards,
     normalize_reward_output,
+    reward_column_weights,
     reward_name,
     reward_names,
     sharpness_reward,
@@ -533,3 +535,37 @@ def test_compute_rewards_closes_pending_coroutines_on_sync_failure(recwarn):
     with pytest.raises(RewardFunctionError):
         compute_rewards([never, failing], ["a"], torch.rand(1, 1, 3, 4, 4))
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weights of reward columns
+# --------------------------------------------------------------------------------------------------------------------
+
+COLUMNS = ["videoalign:VQ", "videoalign:MQ", "videoalign:TA", "videoalign:Overall", "brightness"]
+NAMES = ["videoalign", "brightness"]
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        (None, [1.0, 1.0, 1.0, 1.0, 1.0]),
+        ([0.5, 2.0], [0.5, 0.5, 0.5, 0.5, 2.0]),  # one per reward: applied to each head
+        ([1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0]),  # one per column
+        ({"videoalign:VQ": 1.0, "videoalign:MQ": 1.0, "videoalign:TA": 1.0}, [1.0, 1.0, 1.0, 0.0, 0.0]),
+        ({"videoalign": 2.0, "videoalign:Overall": 0.0, "brightness": -1.0}, [2.0, 2.0, 2.0, 0.0, -1.0]),
+    ],
+)
+def test_reward_column_weights(weights, expected):
+    assert reward_column_weights(COLUMNS, NAMES, weights) == expected
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ([1.0, 2.0, 3.0], "has 3 entries, but there are 2 rewards"),
+        ({"videoalign:XX": 1.0}, "keys ['videoalign:XX'] are neither reward columns"),
+    ],
+)
+def test_reward_column_weights_errors(weights, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        reward_column_weights(COLUMNS, NAMES, weights)

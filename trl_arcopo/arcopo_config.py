@@ -175,8 +175,12 @@ class ARCoPOConfig(TrainingArguments):
 
         > Parameters that control the rewards
 
-        reward_weights (`list[float]`, *optional*):
-            Weights of the reward functions, one per function. If `None`, all rewards have weight `1.0`.
+        reward_weights (`list[float]` or `dict[str, float]`, *optional*):
+            Weights of the rewards. A list gives one weight per reward function (applied to each head of a reward that
+            returns heads) or one per reward column; a dict is keyed by column (`"videoalign:VQ"`) or by reward name,
+            and the columns it does not cover weigh 0 (VideoAlign as in the paper:
+            `{"videoalign:VQ": 1.0, "videoalign:MQ": 1.0, "videoalign:TA": 1.0}`). On the command line, a list of
+            numbers or a JSON object. If `None`, every reward column has weight `1.0`.
         multi_objective_aggregation (`str`, *optional*, defaults to `"sum_then_normalize"`):
             How several rewards are combined into one advantage:
 
@@ -212,7 +216,7 @@ class ARCoPOConfig(TrainingArguments):
     >   instead of `False`.
     """
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "reward_weights"]
 
     # Parameters whose default values are overridden from TrainingArguments
     learning_rate: float = field(
@@ -432,9 +436,15 @@ class ARCoPOConfig(TrainingArguments):
     )
 
     # Parameters that control the rewards
-    reward_weights: list[float] | None = field(
+    # `str` second: the argument parser then reads strings (numbers, or one JSON object), converted in __post_init__.
+    reward_weights: dict[str, float] | str | list[float] | None = field(
         default=None,
-        metadata={"help": "Weights of the reward functions, one per function. If None, all weights are 1.0."},
+        metadata={
+            "nargs": "+",
+            "help": "Weights of the rewards: a list (one per reward function, or one per reward column) or a dict "
+            "keyed by column ('videoalign:VQ') or reward name, uncovered columns weighing 0 (a JSON object on the "
+            "command line). If None, every reward column has weight 1.0.",
+        },
     )
     multi_objective_aggregation: str = field(
         default="sum_then_normalize",
@@ -689,16 +699,26 @@ class ARCoPOConfig(TrainingArguments):
             self.train_steps = list(steps)
 
     def _validate_rewards_and_logging(self) -> None:
-        if self.reward_weights is not None:
-            weights = self.reward_weights
+        weights = self.reward_weights
+        if isinstance(weights, (list, tuple)) and weights and all(isinstance(w, str) for w in weights):
+            weights = self.reward_weights = _parse_weight_strings(weights)
+        if isinstance(weights, dict):
+            if not weights or not all(isinstance(k, str) and k and _is_finite_number(w) for k, w in weights.items()):
+                raise ValueError(
+                    f"`reward_weights` ({weights!r}) must map reward columns or names to finite numbers, e.g. "
+                    '{"videoalign:VQ": 1.0, "videoalign:MQ": 1.0, "videoalign:TA": 1.0}.'
+                )
+            self.reward_weights = {k: float(w) for k, w in weights.items()}
+        elif weights is not None:
             if (
                 not isinstance(weights, (list, tuple))
                 or len(weights) == 0
                 or not all(_is_finite_number(w) for w in weights)
             ):
                 raise ValueError(
-                    f"`reward_weights` ({weights!r}) must be a non-empty list of finite numbers, one per reward "
-                    "function; fix the weights, or leave it unset for weights of 1.0."
+                    f"`reward_weights` ({weights!r}) must be a non-empty list of finite numbers (one per reward or per "
+                    "reward column) or a dict keyed by reward column; fix the weights, or leave it unset for weights "
+                    "of 1.0."
                 )
             self.reward_weights = [float(w) for w in weights]
         _check_choice("multi_objective_aggregation", self.multi_objective_aggregation, _MULTI_OBJECTIVE_AGGREGATIONS)
@@ -707,6 +727,21 @@ class ARCoPOConfig(TrainingArguments):
         _check_int("log_videos_steps", self.log_videos_steps, minimum=0)
         _check_int("num_videos_to_log", self.num_videos_to_log, minimum=1)
         _check_int("video_fps", self.video_fps, minimum=1)
+
+
+def _parse_weight_strings(values: list[str]) -> dict | list:
+    """``--reward_weights 1.0 0.5`` or ``--reward_weights '{"videoalign:VQ": 1.0}'`` (strings from the command line)."""
+    if len(values) == 1 and values[0].lstrip().startswith("{"):
+        try:
+            return json.loads(values[0])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`reward_weights` is not a valid JSON object ({error}): {values[0]!r}.") from None
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise ValueError(
+            f"`reward_weights` ({values!r}) must be numbers or one JSON object keyed by reward column."
+        ) from None
 
 
 def _cuda_bf16_available() -> bool:

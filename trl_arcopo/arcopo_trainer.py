@@ -27,6 +27,7 @@ from trl.trainer.utils import RepeatSampler
 
 from . import copo
 from .arcopo_config import ARCoPOConfig
+from .evaluation import evaluate_pipeline
 from .pipelines.causal_wan import CausalWanPipeline
 from .replay import (
     buffer_settings,
@@ -38,7 +39,14 @@ from .replay import (
     record_to_group,
     select_reward_columns,
 )
-from .rewards import BUILTIN_REWARDS, RewardFunctionError, RewardOutputError, compute_rewards, reward_names
+from .rewards import (
+    RewardFunctionError,
+    RewardOutputError,
+    compute_rewards,
+    load_reward,
+    reward_column_weights,
+    reward_names,
+)
 from .rollout import RolloutGroup, generate_group, rebuild_context, sample_pivot
 
 logger = logging.getLogger(__name__)
@@ -159,6 +167,9 @@ class ARCoPOTrainer(Trainer):
             "eval": defaultdict(list),
         }
         self._buffered_inputs: list[list[dict]] | None = None
+        # Reward columns (`name` or `name:head`) and their weights, known from the first scored group.
+        self.reward_columns: list[str] | None = None
+        self.reward_column_weights: torch.Tensor | None = None
         self._step = 0
         self._nonfinite_losses = 0
         super().__init__(
@@ -172,6 +183,9 @@ class ARCoPOTrainer(Trainer):
         )
         pipeline.to(self.accelerator.device)
         pipeline.set_progress_bar_config(disable=True)
+        for func in self.reward_funcs:
+            if isinstance(func, torch.nn.Module):
+                func.to(self.accelerator.device)
         # The rollout's randomness (noise, pivots, anchors); its state is part of every checkpoint.
         self.rollout_generator = torch.Generator().manual_seed(args.seed + self.accelerator.process_index)
 
@@ -194,13 +208,7 @@ class ARCoPOTrainer(Trainer):
         resolved = []
         for func in funcs:
             if isinstance(func, str):
-                short = func.removesuffix("_reward")
-                if short not in BUILTIN_REWARDS:
-                    raise ValueError(
-                        f"Unknown reward {func!r}: use a callable or one of the built-in rewards "
-                        f"{sorted(BUILTIN_REWARDS)}."
-                    )
-                func = BUILTIN_REWARDS[short]
+                func = load_reward(func)
             elif not callable(func):
                 raise TypeError(f"Reward {func!r} is not callable.")
             resolved.append(func)
@@ -250,10 +258,18 @@ class ARCoPOTrainer(Trainer):
             raise ValueError(
                 f"`pivot_weights` needs one weight per chunk ({num_chunks}), got {len(args.pivot_weights)}."
             )
-        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+        if isinstance(args.reward_weights, dict):
+            names = self.reward_func_names
+            unknown = [k for k in args.reward_weights if not any(k == n or k.startswith(f"{n}:") for n in names)]
+            if unknown:
+                raise ValueError(
+                    f"`reward_weights` keys {unknown} name no reward of {names}: use reward names or columns "
+                    "'name:head' (e.g. 'videoalign:VQ')."
+                )
+        elif args.reward_weights is not None and len(args.reward_weights) < len(self.reward_funcs):
             raise ValueError(
                 f"`reward_weights` has {len(args.reward_weights)} entries for {len(self.reward_funcs)} reward "
-                f"functions ({self.reward_func_names})."
+                f"functions ({self.reward_func_names}): give one per reward, or one per reward column."
             )
         if args.exploration == "sde" and args.train_steps is not None and min(args.train_steps) >= num_steps - 1:
             raise ValueError(
@@ -319,6 +335,7 @@ class ARCoPOTrainer(Trainer):
             columns = compute_rewards(
                 self.reward_funcs, prompts, videos, reward_kwargs={**kwargs, "trainer_state": self.state}
             )
+            self._set_reward_columns(list(columns))
             rewards = torch.stack(list(columns.values()), dim=1)
             if not torch.isfinite(rewards).all():
                 bad = [name for name, values in columns.items() if not torch.isfinite(values).all()]
@@ -363,14 +380,30 @@ class ARCoPOTrainer(Trainer):
         rewards ``[G, K]``."""
         embeds = self.pipeline.encode_prompt(str(record["prompt"]))
         group = record_to_group(record, embeds, device=self.accelerator.device)
-        return group, torch.stack(list(record_rewards(record, self.reward_func_names).values()), dim=1)
+        columns = record_rewards(record, self.reward_func_names)
+        self._set_reward_columns(list(columns))
+        return group, torch.stack(list(columns.values()), dim=1)
+
+    def _set_reward_columns(self, columns: list[str]) -> None:
+        """Fix the reward columns and their weights at the first scored group; later groups must match."""
+        if self.reward_columns is not None:
+            if columns != self.reward_columns:
+                raise RewardOutputError(
+                    f"the rewards returned the columns {columns}, but earlier groups had {self.reward_columns}: a "
+                    "reward must return the same heads for every batch."
+                )
+            return
+        weights = reward_column_weights(columns, self.reward_func_names, self.args.reward_weights)
+        self.reward_columns, self.reward_column_weights = columns, torch.tensor(weights, dtype=torch.float64)
+        ignored = [c for c, w in zip(columns, weights, strict=True) if w == 0]
+        if ignored:
+            logger.info("Reward columns %s have weight 0 (logged, not optimized).", ignored)
 
     @torch.no_grad()
     def _generate_and_score(self, rows: list[dict], mode: str) -> list[dict]:
         """One group per row with its advantages: generated and scored by the current policy, or, in semi-on-policy
         mode, read from the replay buffer (each row is a buffer record)."""
         args = self.args
-        weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs), dtype=torch.float64)
         groups, all_rewards, pivots = [], [], []
         start = time.perf_counter()
         self.model.eval()
@@ -379,18 +412,20 @@ class ARCoPOTrainer(Trainer):
                 group, rewards = self._replay_group(row)
             else:
                 group, rewards = self._rollout_group(row, mode)
-            valid = rewards is not None
-            if not valid:
-                rewards = torch.full((args.num_generations, len(self.reward_funcs)), float("nan"), dtype=torch.float64)
-            aggregated = copo.aggregate_rewards(rewards[None], weights, mode=args.multi_objective_aggregation)
-            advantages = copo.group_advantages(
-                aggregated,
-                normalization=args.advantage_normalization,
-                quasi_norm_p=args.quasi_norm_p,
-                clip=args.advantage_clip,
-            )[0]
-            if not valid:
-                advantages = torch.zeros_like(advantages)
+            if rewards is None:  # skipped: no learning signal from this group
+                rewards = torch.full((args.num_generations, self._num_reward_columns), math.nan, dtype=torch.float64)
+                aggregated = torch.full((1, args.num_generations), math.nan, dtype=torch.float64)
+                advantages = torch.zeros(args.num_generations, dtype=torch.float64)
+            else:
+                aggregated = copo.aggregate_rewards(
+                    rewards[None], self.reward_column_weights, mode=args.multi_objective_aggregation
+                )
+                advantages = copo.group_advantages(
+                    aggregated,
+                    normalization=args.advantage_normalization,
+                    quasi_norm_p=args.quasi_norm_p,
+                    clip=args.advantage_clip,
+                )[0]
             if group.videos is not None:
                 self._maybe_log_videos(row["prompt"], group)
                 group.videos = None  # scored; keep only what the loss needs
@@ -401,19 +436,24 @@ class ARCoPOTrainer(Trainer):
         self._log_rollout_metrics(torch.stack(all_rewards), pivots, time.perf_counter() - start, groups, mode)
         return groups
 
+    @property
+    def _num_reward_columns(self) -> int:
+        # Before any group was scored (the first one failed), one column per reward.
+        return len(self.reward_columns) if self.reward_columns is not None else len(self.reward_funcs)
+
     def _log_rollout_metrics(self, rewards: torch.Tensor, pivots, seconds: float, groups, mode: str) -> None:
         """``rewards`` ``[N, G, K]``; gathered over processes (groups stay whole on one process)."""
         metrics = self._metrics[mode]
         device = self.accelerator.device
         rewards = self.accelerator.gather(rewards.to(device)).cpu()
-        weights = torch.tensor(self.args.reward_weights or [1.0] * rewards.shape[-1], dtype=torch.float64)
-        total = (rewards * weights).nansum(-1)
-        metrics["reward"].append(total.nanmean().item())
-        metrics["reward_std"].append(torch.nan_to_num(total.std(dim=1)).mean().item())
-        metrics["frac_reward_zero_std"].append((total.std(dim=1) < 1e-8).float().mean().item())
-        for k, name in enumerate(self.reward_func_names):
-            metrics[f"rewards/{name}/mean"].append(rewards[..., k].nanmean().item())
-            metrics[f"rewards/{name}/std"].append(torch.nan_to_num(rewards[..., k].std(dim=1)).mean().item())
+        if self.reward_columns is not None:  # else every group so far failed: nothing to report
+            total = (rewards * self.reward_column_weights).sum(-1)  # NaN for skipped groups
+            metrics["reward"].append(total.nanmean().item())
+            metrics["reward_std"].append(torch.nan_to_num(total.std(dim=1)).mean().item())
+            metrics["frac_reward_zero_std"].append((total.std(dim=1) < 1e-8).float().mean().item())
+            for k, column in enumerate(self.reward_columns):
+                metrics[f"rewards/{column}/mean"].append(rewards[..., k].nanmean().item())
+                metrics[f"rewards/{column}/std"].append(torch.nan_to_num(rewards[..., k].std(dim=1)).mean().item())
         metrics["rollout/pivot"].extend(self.accelerator.gather(torch.tensor(pivots, device=device)).tolist())
         metrics["rollout/seconds"].append(seconds)
         distances = [copo.mean_pairwise_distance(g["group"].predictions[-1]).item() for g in groups]
@@ -541,25 +581,39 @@ class ARCoPOTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Generate one video per evaluation prompt (fixed seeds) with the current policy and score it."""
+        """Generate one video per evaluation prompt (prompt ``i`` seeded ``seed + i``) with the current policy and
+        score it with :func:`~trl_arcopo.evaluation.evaluate_pipeline`; the prompts are split over the processes."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("Evaluation needs an `eval_dataset` with a 'prompt' column.")
         start = time.perf_counter()
-        rewards = []
-        for index, row in enumerate(dataset):
-            embeds = self.pipeline.encode_prompt(row["prompt"])
-            generator = torch.Generator().manual_seed(self.args.seed + index)
-            noise = torch.randn(1, *self.latent_shape, generator=generator)
-            video = self.pipeline(prompt_embeds=embeds, latents=noise, generator=generator, output_type="pt").frames
-            scores = self._score([row["prompt"]], video, row, 1, mode="eval")
-            rewards.append(scores if scores is not None else torch.full((1, len(self.reward_funcs)), float("nan")))
-        rewards = torch.cat(rewards).double()
-        weights = torch.tensor(self.args.reward_weights or [1.0] * rewards.shape[-1], dtype=torch.float64)
-        rewards = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
-        metrics = {f"{metric_key_prefix}_reward": (rewards * weights).nansum(-1).nanmean().item()}
-        for k, name in enumerate(self.reward_func_names):
-            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = rewards[:, k].nanmean().item()
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        # Contiguous shards: shard r starts at the sum of the sizes of the shards before it.
+        offset = sum(len(dataset) // world + (r < len(dataset) % world) for r in range(rank))
+        shard = dataset.shard(num_shards=world, index=rank, contiguous=True)
+        self.model.eval()
+        result = evaluate_pipeline(
+            self.pipeline,
+            shard,
+            self.reward_funcs,
+            num_frames=self.args.num_frames,
+            height=self.args.height,
+            width=self.args.width,
+            seed=self.args.seed + offset,
+            progress_bar=False,
+            reward_error="raise" if self.args.reward_error == "raise" else "nan",
+        )
+        self.model.train()
+        self._set_reward_columns(result.reward_columns)
+        scores = torch.tensor([result.table[column] for column in self.reward_columns], dtype=torch.float64).T
+        scores = self.accelerator.gather(scores.to(self.accelerator.device)).cpu()  # [P, K]
+        total = (scores * self.reward_column_weights).sum(-1)
+        metrics = {
+            f"{metric_key_prefix}_reward": total.nanmean().item(),
+            f"{metric_key_prefix}_rewards/failed": total.isnan().double().mean().item(),
+        }
+        for k, column in enumerate(self.reward_columns):
+            metrics[f"{metric_key_prefix}_rewards/{column}/mean"] = scores[:, k].nanmean().item()
         metrics[f"{metric_key_prefix}_runtime"] = time.perf_counter() - start
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

@@ -8,6 +8,7 @@ merge scales are compared (:mod:`trl_arcopo.sweep`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,9 @@ from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from .adapters import merge_adapters
-from .rewards import RewardFunctionError, RewardOutputError, compute_rewards, load_reward
+from .rewards import RewardFunctionError, RewardOutputError, compute_rewards, load_reward, reward_names
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["EvaluationResult", "evaluate_pipeline", "markdown_table", "resolve_rewards"]
 
@@ -115,6 +118,7 @@ def evaluate_pipeline(
     seed: int = 0,
     adapters: Mapping[str, float] | None = None,
     progress_bar: bool = True,
+    reward_error: str = "raise",
     **generation_kwargs: Any,
 ) -> EvaluationResult:
     """Generate one video per prompt and score it with every reward.
@@ -137,6 +141,8 @@ def evaluate_pipeline(
             combination ``{adapter_name: scale}`` activated with :func:`~trl_arcopo.adapters.merge_adapters`. The
             setting stays in effect after the call.
         progress_bar: show a progress bar over the batches (the pipeline's own bar is silenced meanwhile).
+        reward_error: when a reward raises or returns malformed scores: ``"raise"`` (a ``RuntimeError``) or
+            ``"nan"`` (log a warning and give the batch's prompts NaN scores).
         generation_kwargs: other arguments of the pipeline call.
 
     Returns:
@@ -145,8 +151,11 @@ def evaluate_pipeline(
     Raises:
         ValueError: empty or non-string prompts, a ``Dataset`` without a ``prompt`` column, a bad ``batch_size``,
             generation arguments this function sets itself, unknown reward names or adapters.
-        RuntimeError: a reward raised or returned malformed scores; the message names the reward and the prompts.
+        RuntimeError: with ``reward_error="raise"``, a reward raised or returned malformed scores; the message names
+            the reward and the prompts.
     """
+    if reward_error not in ("raise", "nan"):
+        raise ValueError(f"`reward_error` must be 'raise' or 'nan', got {reward_error!r}.")
     funcs = resolve_rewards(reward_funcs)
     if not funcs:
         raise ValueError("`reward_funcs` is empty: pass at least one reward.")
@@ -167,7 +176,7 @@ def evaluate_pipeline(
         else:
             pipe.disable_lora()
 
-    columns: dict[str, list[float]] = {}
+    batch_scores: list[dict[str, torch.Tensor] | None] = []
     starts = range(0, len(prompts), batch_size)
     with _quiet(pipe):
         for start in tqdm(starts, desc="Evaluating", unit="batch", disable=not progress_bar):
@@ -184,13 +193,22 @@ def evaluate_pipeline(
             ).frames
             reward_kwargs = {name: values[start : start + batch_size] for name, values in extra_columns.items()}
             try:
-                scores = compute_rewards(funcs, batch, videos, reward_kwargs=reward_kwargs)
+                batch_scores.append(compute_rewards(funcs, batch, videos, reward_kwargs=reward_kwargs))
             except (RewardFunctionError, RewardOutputError) as error:
-                raise RuntimeError(
+                message = (
                     f"Evaluation failed on prompts {start}..{start + len(batch) - 1} ({batch[0]!r}, ...): {error}"
-                ) from error
-            for name, values in scores.items():
-                columns.setdefault(name, []).extend(values.tolist())
+                )
+                if reward_error == "raise":
+                    raise RuntimeError(message) from error
+                logger.warning("%s Their scores are NaN.", message)
+                batch_scores.append(None)
+
+    names = next((list(scores) for scores in batch_scores if scores is not None), reward_names(funcs))
+    columns: dict[str, list[float]] = {name: [] for name in names}
+    for start, scores in zip(starts, batch_scores, strict=True):
+        size = min(batch_size, len(prompts) - start)
+        for name in names:
+            columns[name].extend(scores[name].tolist() if scores is not None else [math.nan] * size)
 
     means = {}
     for name, values in columns.items():

@@ -183,6 +183,48 @@ def reward_names(reward_funcs: Any) -> list[str]:
     return names
 
 
+def reward_column_weights(
+    columns: Sequence[str], names: Sequence[str], weights: Sequence[float] | Mapping[str, float] | None
+) -> list[float]:
+    """One weight per reward column (``name`` or ``name:head``, as :func:`compute_rewards` names them).
+
+    Args:
+        columns: the reward columns, in order.
+        names: the reward names (:func:`reward_names`) the columns come from.
+        weights: ``None`` (every column weighs 1); a list with one weight per column, or one per reward (a reward's
+            weight then applies to each of its heads); or a dict keyed by column or by reward name (a reward name
+            covers all its heads; a column key wins over its reward's key). Columns a dict does not cover weigh 0.
+
+    Raises:
+        ValueError: a list of another length, or a dict key that is neither a column nor a reward name.
+    """
+    owner = {}
+    for column in columns:
+        matches = [n for n in names if column == n or column.startswith(f"{n}:")]
+        owner[column] = max(matches, key=len) if matches else column
+    if weights is None:
+        return [1.0] * len(columns)
+    if isinstance(weights, Mapping):
+        unknown = [key for key in weights if key not in owner and key not in names]
+        if unknown:
+            raise ValueError(
+                f"`reward_weights` keys {unknown} are neither reward columns {list(columns)} nor reward names "
+                f"{list(names)}; key the dict by column (e.g. 'videoalign:VQ') or by reward name."
+            )
+        return [float(weights.get(column, weights.get(owner[column], 0.0))) for column in columns]
+    weights = [float(w) for w in weights]
+    if len(weights) == len(columns):
+        return weights
+    if len(weights) == len(names):
+        by_name = dict(zip(names, weights, strict=True))
+        return [by_name[owner[column]] for column in columns]
+    raise ValueError(
+        f"`reward_weights` has {len(weights)} entries, but there are {len(names)} rewards {list(names)} and "
+        f"{len(columns)} reward columns {list(columns)}: give one weight per reward or per column, or a dict keyed by "
+        "column."
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------------------------------
