@@ -132,11 +132,15 @@ def test_save_model_writes_a_diffusers_lora_and_card(tmp_path):
         "adapter_config.json",
         "training_args.json",
         "README.md",
+        "training_curves.png",
     } <= files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)  # no pickle
     card = (tmp_path / "final" / "README.md").read_text()
     assert "library_name: diffusers" in card and "arcopo" in card and "2603.17461" in card
-    assert "load_lora_weights" in card
+    assert (
+        "load_lora_weights" in card and "](training_curves.png)" in card and "`brightness_reward` (weight 1)" in card
+    )
+    assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written by train()
 
     # The saved LoRA reproduces the trained transformer in a fresh pipeline.
     kwargs = {

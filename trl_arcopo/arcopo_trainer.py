@@ -23,6 +23,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from trl.trainer.utils import RepeatSampler
 
 from . import copo
@@ -55,6 +56,7 @@ RewardFunc = Callable[..., Any] | torch.nn.Module | str
 _STATE_FILE = "arcopo_state.json"
 _TENSORS_FILE = "arcopo_state.safetensors"
 _LORA_FILE = "pytorch_lora_weights.safetensors"
+_CURVES_FILE = "training_curves.png"
 # The RolloutGroup tensors a checkpoint keeps (replayed groups have no `latents`).
 _GROUP_TENSORS = ("prompt_embeds", "prefix_latents", "inputs", "predictions", "noise", "latents")
 
@@ -638,6 +640,7 @@ class ARCoPOTrainer(Trainer):
             return
         from .utils.videos import log_videos
 
+        tensorboard = next((c for c in self.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
         log_videos(
             group.videos[: self.args.num_videos_to_log],
             prompt,
@@ -645,7 +648,25 @@ class ARCoPOTrainer(Trainer):
             output_dir=self.args.output_dir,
             report_to=self.args.report_to,
             fps=self.args.video_fps,
+            tensorboard_writer=getattr(tensorboard, "tb_writer", None),
         )
+
+    def _write_training_curves(self, output_dir: str) -> bool:
+        """``output_dir/training_curves.png`` (rewards per column, clip and ratio diagnostics) once something was
+        logged; returns whether it was written."""
+        if not any("reward" in entry for entry in self.state.log_history):
+            return False
+        from .utils.plots import plot_training_curves
+
+        plot_training_curves(self.state.log_history, Path(output_dir) / _CURVES_FILE)
+        return True
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; at the end the training curves are plotted into ``output_dir`` (main process)."""
+        output = super().train(*args, **kwargs)
+        if self.args.should_save:
+            self._write_training_curves(self.args.output_dir)
+        return output
 
     # ---------------------------------------------------------------------------------------------- saving
 
@@ -761,6 +782,13 @@ class ARCoPOTrainer(Trainer):
             pipeline_tag="text-to-video",
             tags=sorted({*self._tag_names, "generated_from_trainer", *tags}),
         )
+        os.makedirs(output_dir, exist_ok=True)
+        has_curves = self._write_training_curves(output_dir)
+        if self.reward_columns is not None:
+            weights = self.reward_column_weights.tolist()
+            rewards = ", ".join(f"`{c}` (weight {w:g})" for c, w in zip(self.reward_columns, weights, strict=True))
+        else:
+            rewards = ", ".join(f"`{name}`" for name in self.reward_func_names)
         template = Path(__file__).parent / "templates" / "arcopo_model_card.md"
         repo_id = self.args.hub_model_id or Path(output_dir).name
         card = ModelCard.from_template(
@@ -768,7 +796,8 @@ class ARCoPOTrainer(Trainer):
             template_path=str(template),
             repo_id=repo_id,
             base_model_id=base_model or "<base pipeline>",
-            rewards=", ".join(self.reward_func_names),
+            rewards=rewards,
+            training_curves=_CURVES_FILE if has_curves else None,
             method=self.args.exploration,
             citation=_CITATION,
             num_generations=self.args.num_generations,
