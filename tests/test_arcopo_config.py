@@ -60,6 +60,7 @@ PAPER_DEFAULTS = {
     "reward_weights": None,
     "multi_objective_aggregation": "sum_then_normalize",
     "reward_error": "raise",
+    "overlap_rewards": True,
     "max_consecutive_nonfinite_losses": 3,
     # logging
     "log_videos_steps": 0,

@@ -4,6 +4,7 @@ semi-on-policy training on a replay buffer."""
 import json
 import math
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -317,6 +318,45 @@ def test_reward_heads_weighted_by_column(tmp_path):
     logged = trainer._metrics["train"]
     assert logged["rewards/judge:TA/mean"] == [pytest.approx(judge.last["TA"].double().mean().item())]
     assert logged["reward"] == [pytest.approx(expected.mean().item())]
+
+
+def test_rewards_overlap_the_next_rollout_and_match_the_synchronous_path(tmp_path, monkeypatch):
+    events, second_rollout_started = [], threading.Event()
+
+    def traced(prompts, videos, **kwargs):
+        events.append(("reward", threading.current_thread().name, torch.is_grad_enabled()))
+        if overlap:  # the first group's scoring can only finish once the second rollout runs concurrently
+            assert second_rollout_started.wait(timeout=120)
+        return redness(prompts, videos)
+
+    rollout = ARCoPOTrainer._rollout_group
+
+    def traced_rollout(self, row):
+        events.append(("rollout", threading.current_thread().name, None))
+        if sum(kind == "rollout" for kind, _, _ in events) == 2:
+            second_rollout_started.set()
+        return rollout(self, row)
+
+    monkeypatch.setattr(ARCoPOTrainer, "_rollout_group", traced_rollout)
+    rows = [{"prompt": p} for p in PROMPTS["prompt"][:3]]
+    results = {}
+    for overlap in (True, False):
+        args = _config(tmp_path / str(overlap), overlap_rewards=overlap)
+        trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), traced, args=args, train_dataset=PROMPTS)
+        events.clear()
+        second_rollout_started.clear()
+        results[overlap] = trainer._generate_and_score(rows, mode="train")
+        kinds = [kind for kind, _, _ in events]
+        rewards = [event for event in events if event[0] == "reward"]
+        assert len(rewards) == 3 and not any(grad for _, _, grad in rewards)  # scored without autograd
+        if overlap:  # in the reward thread, while the next group is rolled out
+            assert {thread for _, thread, _ in rewards} == {"arcopo-rewards_0"}
+        else:
+            assert {thread for _, thread, _ in rewards} == {threading.current_thread().name}
+            assert kinds == ["rollout", "reward"] * 3
+    for a, b in zip(results[True], results[False], strict=True):
+        assert torch.equal(a["advantages"], b["advantages"]) and torch.equal(a["rewards"], b["rewards"])
+        assert torch.equal(a["group"].predictions, b["group"].predictions)
 
 
 @pytest.mark.parametrize(

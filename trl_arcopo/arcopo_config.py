@@ -193,6 +193,10 @@ class ARCoPOConfig(TrainingArguments):
             - `"raise"`: stop training with the error;
             - `"skip_group"`: skip the affected rollout group (logged) and continue.
 
+        overlap_rewards (`bool`, *optional*, defaults to `True`):
+            Whether to score each rollout group in a background thread while the next group of the step is rolled out
+            (rewards then cost no extra time when they run on other hardware or wait on a reward server). Keeps the
+            decoded videos of two groups in memory instead of one; set `False` when that does not fit.
         max_consecutive_nonfinite_losses (`int`, *optional*, defaults to `3`):
             After this many non-finite losses in a row, the trainer saves a checkpoint and stops.
 
@@ -460,6 +464,13 @@ class ARCoPOConfig(TrainingArguments):
             "help": "When a reward function raises or returns NaN, non-finite values or the wrong number of values: "
             "'raise' stops training, 'skip_group' skips that rollout group and continues.",
             "choices": list(_REWARD_ERRORS),
+        },
+    )
+    overlap_rewards: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether to score each rollout group in a background thread while the next group is rolled out "
+            "(holds the videos of two groups in memory instead of one)."
         },
     )
     max_consecutive_nonfinite_losses: int = field(

@@ -14,6 +14,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,7 @@ class ARCoPOTrainer(Trainer):
         # Reward columns (`name` or `name:head`) and their weights, known from the first scored group.
         self.reward_columns: list[str] | None = None
         self.reward_column_weights: torch.Tensor | None = None
+        self._reward_thread: ThreadPoolExecutor | None = None  # created on first use (`overlap_rewards`)
         self._step = 0
         self._nonfinite_losses = 0
         super().__init__(
@@ -353,8 +355,8 @@ class ARCoPOTrainer(Trainer):
         self._metrics[mode]["rewards/failed_groups"].append(0.0)
         return rewards
 
-    def _rollout_group(self, row: dict, mode: str) -> tuple[RolloutGroup, torch.Tensor | None]:
-        """A group rolled out by the current policy and its rewards ``[G, K]`` (None: a reward failed)."""
+    def _rollout_group(self, row: dict) -> RolloutGroup:
+        """A group rolled out (and decoded) by the current policy."""
         args = self.args
         pivot = sample_pivot(
             self.num_chunks,
@@ -374,8 +376,27 @@ class ARCoPOTrainer(Trainer):
             rollout_batch_size=args.rollout_batch_size,
             generator=self.rollout_generator,
         )
-        rewards = self._score([row["prompt"]] * args.num_generations, group.videos, row, args.num_generations, mode)
-        return group, rewards
+        return group
+
+    def _score_group(self, row: dict, group: RolloutGroup, mode: str) -> Future:
+        """The rewards ``[G, K]`` of a rolled-out group (None: a reward failed and the group is skipped), as a future:
+        computed in the background thread with ``overlap_rewards`` (while the next group is rolled out), else now."""
+        num = self.args.num_generations
+
+        def score() -> torch.Tensor | None:
+            with torch.no_grad():  # grad mode is per thread
+                return self._score([row["prompt"]] * num, group.videos, row, num, mode)
+
+        if self.args.overlap_rewards:
+            if self._reward_thread is None:
+                self._reward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="arcopo-rewards")
+            return self._reward_thread.submit(score)
+        future = Future()
+        try:
+            future.set_result(score())
+        except Exception as error:  # re-raised by `future.result()`, as from the thread
+            future.set_exception(error)
+        return future
 
     def _replay_group(self, record: dict) -> tuple[RolloutGroup, torch.Tensor]:
         """A group of the replay buffer (the reference policy's predictions are the old policy) and its stored
@@ -405,38 +426,49 @@ class ARCoPOTrainer(Trainer):
     def _generate_and_score(self, rows: list[dict], mode: str) -> list[dict]:
         """One group per row with its advantages: generated and scored by the current policy, or, in semi-on-policy
         mode, read from the replay buffer (each row is a buffer record)."""
-        args = self.args
-        groups, all_rewards, pivots = [], [], []
         start = time.perf_counter()
         self.model.eval()
-        for row in rows:
-            if args.training_mode == "semi_on_policy":
-                group, rewards = self._replay_group(row)
-            else:
-                group, rewards = self._rollout_group(row, mode)
-            if rewards is None:  # skipped: no learning signal from this group
-                rewards = torch.full((args.num_generations, self._num_reward_columns), math.nan, dtype=torch.float64)
-                aggregated = torch.full((1, args.num_generations), math.nan, dtype=torch.float64)
-                advantages = torch.zeros(args.num_generations, dtype=torch.float64)
-            else:
-                aggregated = copo.aggregate_rewards(
-                    rewards[None], self.reward_column_weights, mode=args.multi_objective_aggregation
-                )
-                advantages = copo.group_advantages(
-                    aggregated,
-                    normalization=args.advantage_normalization,
-                    quasi_norm_p=args.quasi_norm_p,
-                    clip=args.advantage_clip,
-                )[0]
-            if group.videos is not None:
-                self._maybe_log_videos(row["prompt"], group)
-                group.videos = None  # scored; keep only what the loss needs
-            groups.append({"group": group, "advantages": advantages.float(), "rewards": aggregated[0]})
-            all_rewards.append(rewards)
-            pivots.append(float(group.pivot))
+        if self.args.training_mode == "semi_on_policy":
+            scored = [self._finish_group(row, *self._replay_group(row)) for row in rows]
+        else:
+            # Group i is scored while group i + 1 is rolled out; at most two groups' videos are alive at once.
+            scored, pending = [], None
+            for row in rows:
+                group = self._rollout_group(row)
+                future = self._score_group(row, group, mode)
+                if pending is not None:
+                    scored.append(self._finish_group(pending[0], pending[1], pending[2].result()))
+                pending = (row, group, future)
+            scored.append(self._finish_group(pending[0], pending[1], pending[2].result()))
         self.model.train()
-        self._log_rollout_metrics(torch.stack(all_rewards), pivots, time.perf_counter() - start, groups, mode)
+        groups = [item for item, _ in scored]
+        rewards = torch.stack([rewards for _, rewards in scored])
+        pivots = [float(item["group"].pivot) for item in groups]
+        self._log_rollout_metrics(rewards, pivots, time.perf_counter() - start, groups, mode)
         return groups
+
+    def _finish_group(self, row: dict, group: RolloutGroup, rewards: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
+        """The training item of a scored group (advantages from the weighted rewards) and its rewards ``[G, K]``
+        (NaN for a skipped group); sample videos are logged, then dropped."""
+        args = self.args
+        if rewards is None:  # skipped: no learning signal from this group
+            rewards = torch.full((args.num_generations, self._num_reward_columns), math.nan, dtype=torch.float64)
+            aggregated = torch.full((1, args.num_generations), math.nan, dtype=torch.float64)
+            advantages = torch.zeros(args.num_generations, dtype=torch.float64)
+        else:
+            aggregated = copo.aggregate_rewards(
+                rewards[None], self.reward_column_weights, mode=args.multi_objective_aggregation
+            )
+            advantages = copo.group_advantages(
+                aggregated,
+                normalization=args.advantage_normalization,
+                quasi_norm_p=args.quasi_norm_p,
+                clip=args.advantage_clip,
+            )[0]
+        if group.videos is not None:
+            self._maybe_log_videos(row["prompt"], group)
+            group.videos = None  # scored; keep only what the loss needs
+        return {"group": group, "advantages": advantages.float(), "rewards": aggregated[0]}, rewards
 
     @property
     def _num_reward_columns(self) -> int:
@@ -663,7 +695,12 @@ class ARCoPOTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         """``Trainer.train``; at the end the training curves are plotted into ``output_dir`` (main process)."""
-        output = super().train(*args, **kwargs)
+        try:
+            output = super().train(*args, **kwargs)
+        finally:
+            if self._reward_thread is not None:
+                self._reward_thread.shutdown(wait=True)
+                self._reward_thread = None
         if self.args.should_save:
             self._write_training_curves(self.args.output_dir)
         return output
