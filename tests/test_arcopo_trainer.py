@@ -12,6 +12,7 @@ import torch
 import transformers
 from datasets import Dataset, load_from_disk
 from safetensors.torch import load_file
+from transformers.trainer_utils import get_last_checkpoint
 
 import trl_arcopo.arcopo_trainer
 from trl_arcopo import copo
@@ -218,6 +219,36 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
     final = load_file(tmp_path / "full" / "checkpoint-6" / "pytorch_lora_weights.safetensors")
     assert len(final) == len(expected)
+
+
+def test_checkpoints_are_atomic(tmp_path, monkeypatch):
+    """A run killed while writing checkpoint-4 leaves checkpoint-2 as the last checkpoint, complete; the staging
+    folder is cleaned by the next save and never looks like a checkpoint."""
+    args = _config(tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
+    trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), "brightness", args=args, train_dataset=PROMPTS)
+    save_state = ARCoPOTrainer._save_trainer_state
+
+    def killed_at_step_4(self, checkpoint):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt("killed while saving")
+        save_state(self, checkpoint)
+
+    monkeypatch.setattr(ARCoPOTrainer, "_save_trainer_state", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert {"pytorch_lora_weights.safetensors", "optimizer.pt", "trainer_state.json", "rank0_arcopo_state.json"} <= {
+        p.name for p in (tmp_path / "checkpoint-2").iterdir()
+    }
+    assert (tmp_path / ".staging" / "checkpoint-4").is_dir()  # the partial write, out of the way
+
+    monkeypatch.setattr(ARCoPOTrainer, "_save_trainer_state", save_state)
+    resumed = ARCoPOTrainer(tiny_causal_wan_pipeline(), "brightness", args=args, train_dataset=PROMPTS)
+    resumed.train(resume_from_checkpoint=True)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert not (tmp_path / ".staging").exists()
+    assert json.loads((tmp_path / "checkpoint-4" / "rank0_arcopo_state.json").read_text())["step"] == 4
 
 
 def _failing_reward(prompts, videos, **kwargs):

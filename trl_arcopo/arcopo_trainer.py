@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler
 
 from . import copo
@@ -58,6 +60,7 @@ _STATE_FILE = "arcopo_state.json"
 _TENSORS_FILE = "arcopo_state.safetensors"
 _LORA_FILE = "pytorch_lora_weights.safetensors"
 _CURVES_FILE = "training_curves.png"
+_STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into place
 # The RolloutGroup tensors a checkpoint keeps (replayed groups have no `latents`).
 _GROUP_TENSORS = ("prompt_embeds", "prefix_latents", "inputs", "predictions", "noise", "latents")
 
@@ -734,9 +737,47 @@ class ARCoPOTrainer(Trainer):
             self.create_model_card(output_dir=output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        checkpoint = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        self._save_trainer_state(checkpoint)
+        """Write the checkpoint into ``output_dir/.staging/checkpoint-N`` (the Trainer's files and ours), then rename
+        it to ``output_dir/checkpoint-N``: a run killed while saving leaves no partial checkpoint to resume from."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_dir = os.path.join(run_dir, _STAGING_DIR)
+        staged, final = os.path.join(staging_dir, name), os.path.join(run_dir, name)
+        if self.accelerator.is_local_main_process and os.path.isdir(staged):
+            shutil.rmtree(staged)  # left by a save that crashed
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial: staging_dir  # the Trainer composes its checkpoint path from this
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self._save_trainer_state(staged)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            self._publish_checkpoint(staged, final)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_local_main_process and os.path.isdir(staged):
+            self._publish_checkpoint(staged, final)  # a node that does not share the main node's file system
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_local_main_process and os.path.isdir(staging_dir) and not os.listdir(staging_dir):
+            os.rmdir(staging_dir)
+        if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_dir):
+            self.state.best_model_checkpoint = os.path.join(
+                run_dir, os.path.basename(self.state.best_model_checkpoint)
+            )
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    @staticmethod
+    def _publish_checkpoint(staged: str, final: str) -> None:
+        if os.path.isdir(final):  # the same step saved again (e.g. the last step after a reward failure)
+            shutil.rmtree(final)
+        os.replace(staged, final)
 
     def _save_trainer_state(self, checkpoint: str) -> None:
         """Rollout RNG, step counter and the buffered rollouts (so a resume continues exactly), one file pair per
