@@ -2,6 +2,8 @@
 
     python examples/train_selfforcing.py --preset tiny                    # offline, about a minute on 2 CPU cores
     python examples/train_selfforcing.py --config examples/configs/tiny.yaml
+    python examples/collect_replay_buffer.py --preset tiny --output_dir outputs/replay-tiny   # then semi-on-policy:
+    python examples/train_selfforcing.py --config examples/configs/tiny_semi_on_policy.yaml
     accelerate launch examples/train_selfforcing.py --config examples/configs/self_forcing_on_policy.yaml \\
         --prompt_file prompts.txt --output_dir self-forcing-arcopo --push_to_hub
 

@@ -1,8 +1,10 @@
 """The training script (`trl_arcopo.scripts.train`, `examples/train_selfforcing.py`): presets, YAML configs, an end
-to end tiny run (1 and 2 processes), and one clear line for bad input."""
+to end tiny run (1 and 2 processes), the documented semi-on-policy flow (collect, then train on the buffer), and one
+clear line for bad input."""
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -13,11 +15,13 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from trl_arcopo import ARCoPOConfig
+from trl_arcopo.replay import load_replay_buffer, record_rewards
 from trl_arcopo.scripts import train
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "train_selfforcing.py"
 CONFIGS = sorted((REPO / "examples" / "configs").glob("*.yaml"))
+SEMI_ON_POLICY_CONFIG = REPO / "examples" / "configs" / "tiny_semi_on_policy.yaml"
 STEPS = 20
 
 
@@ -88,6 +92,47 @@ def test_tiny_run_plots_its_training_curves(tiny_run):
     output_dir, _ = tiny_run
     assert (output_dir / "training_curves.png").stat().st_size > 0
     assert "training_curves.png" in (output_dir / "README.md").read_text()
+
+
+def _documented_commands(config: Path) -> list[list[str]]:
+    """The `python examples/...` commands of the header comment of an example config."""
+    lines = [line.removeprefix("#").strip() for line in config.read_text().splitlines() if line.startswith("#")]
+    return [shlex.split(line) for line in lines if line.startswith("python examples/")]
+
+
+@pytest.fixture(scope="module")
+def semi_on_policy_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The two documented commands of `tiny_semi_on_policy.yaml` (collect a buffer, train on it), run as written
+    from a folder laid out like a checkout (relative paths included), with 2 groups and 4 steps."""
+    workdir = tmp_path_factory.mktemp("semi-on-policy")
+    (workdir / "examples").symlink_to(REPO / "examples")
+    collect, train_on_buffer = _documented_commands(SEMI_ON_POLICY_CONFIG)
+    assert collect[1] == "examples/collect_replay_buffer.py" and train_on_buffer[1] == "examples/train_selfforcing.py"
+    smaller = (["--num_groups", "2"], ["--max_steps", "4", "--disable_tqdm", "true"])
+    for command, options in zip((collect, train_on_buffer), smaller, strict=True):
+        command = [sys.executable, *command[1:], *options]
+        result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result
+
+
+@pytest.mark.slow
+def test_semi_on_policy_flow_trains_the_semi_adapter_on_the_collected_buffer(semi_on_policy_run):
+    workdir, result = semi_on_policy_run
+    buffer = load_replay_buffer(workdir / "outputs" / "replay-tiny")
+    output_dir = workdir / "outputs" / "arcopo-tiny-semi"
+    args = json.loads((output_dir / "training_args.json").read_text())
+    assert args["training_mode"] == "semi_on_policy" and args["replay_dataset"] == "outputs/replay-tiny"
+    assert args["adapter_name"] == "semi"
+    lora = load_file(output_dir / "pytorch_lora_weights.safetensors")
+    assert any(value.abs().sum() > 0 for key, value in lora.items() if "lora_B" in key)  # it trained
+    # No generation: each rollout's reward is the stored mean of one of the 2 buffer groups.
+    (state,) = output_dir.glob("checkpoint-*/trainer_state.json")
+    logged = sorted(h["reward"] for h in json.loads(state.read_text())["log_history"] if "reward" in h)
+    stored = sorted(record_rewards(buffer[i])["brightness_reward"].mean().item() for i in range(len(buffer)))
+    assert len(buffer) == 2 and logged == pytest.approx(stored, abs=1e-6)
+    (sample,) = output_dir.glob("sample.*")
+    assert sample.stat().st_size > 0 and sample.name in result.stdout
 
 
 def _free_port() -> int:
@@ -185,7 +230,13 @@ def _exit_line(capsys, argv: list[str]) -> str:
         (["--prompt_file", "/nonexistent/prompts.txt"], "--prompt_file /nonexistent/prompts.txt is not a readable"),
         (["--preset", "tiny", "--max_stepz", "3"], "unrecognized arguments: --max_stepz 3"),
         (["--num_frames", "22"], "`num_frames` (22) must satisfy"),
-        (["--model", "/nonexistent/pipeline"], "/nonexistent/pipeline"),
+        (["--model", "/nonexistent/pipeline"], "cannot load --model /nonexistent/pipeline: "),
+        (["--model_init_kwargs", '{"dtype": "bfloat16"}'], "--model_init_kwargs is not read by this script"),
+        (
+            ["--training_mode", "semi_on_policy", "--replay_dataset", "buffer", "--prompt_file", "prompts.txt"],
+            "semi_on_policy trains on the prompts of the replay buffer --replay_dataset: remove --prompt_file",
+        ),
+        (["--training_mode", "semi_on_policy", "--replay_dataset", "/nonexistent/buffer"], "/nonexistent/buffer"),
     ],
 )
 def test_bad_command_line(capsys, argv, message):

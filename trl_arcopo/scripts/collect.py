@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +33,9 @@ from trl import TrlParser
 from trl_arcopo import CausalWanPipeline
 from trl_arcopo.replay import collect_replay_buffer, generation_settings
 from trl_arcopo.rewards import load_reward
-from trl_arcopo.scripts.train import ScriptArguments, _fail, _one_line, _requested_preset, load_prompts
-from trl_arcopo.testing import TINY_TRAINING_ARGS, tiny_causal_wan_pipeline
+from trl_arcopo.scripts.train import ScriptArguments, load_prompts
+from trl_arcopo.scripts.utils import fail, load_generator, one_line, parse_with_preset
+from trl_arcopo.testing import TINY_TRAINING_ARGS
 
 SHARDS_DIR = "shards"
 # The generation settings of each preset: those of the `trl-arcopo train` preset of the same name, so that its
@@ -65,13 +65,6 @@ class CollectArguments(ScriptArguments):
         metadata={"help": "Folder of the buffer (`save_to_disk` format); its `shards/` subfolder holds the groups."},
     )
     num_groups: int = field(default=8, metadata={"help": "Number of rollout groups in the buffer (paper: 100)."})
-    model_revision: str | None = field(
-        default=None, metadata={"help": "Revision of `--model` (loaded with it and recorded in the settings)."}
-    )
-    dtype: str = field(
-        default="float32",
-        metadata={"help": "Dtype of the generator's weights.", "choices": ["float32", "bfloat16", "float16"]},
-    )
     num_generations: int = field(default=12, metadata={"help": "Group size G (ARCoPOConfig.num_generations)."})
     noise_sigma: float = field(default=0.5, metadata={"help": "Exploration radius sigma of the noise forking."})
     num_frames: int = field(default=81, metadata={"help": "Pixel frames per video."})
@@ -112,31 +105,12 @@ def make_parser() -> TrlParser:
 
 def parse(argv: list[str] | None = None) -> CollectArguments:
     """Parse flags and `--config` on top of the requested preset's defaults; bad input exits with code 2."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    preset = _requested_preset(argv)
-    if preset not in PRESETS:
-        _fail(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)}")
-    parser = make_parser()
-    parser.set_defaults(**PRESETS[preset])
-    try:
-        (args,) = parser.parse_args_and_config(argv)
-    except ValueError as error:  # unknown YAML keys
-        _fail(_one_line(error))
+    (args,) = parse_with_preset(make_parser(), PRESETS, argv)
     if args.num_groups < 1:
-        _fail(f"--num_groups must be >= 1, got {args.num_groups}")
+        fail(f"--num_groups must be >= 1, got {args.num_groups}")
     if args.push_to_hub and not args.hub_dataset_id:
-        _fail("--push_to_hub needs --hub_dataset_id (e.g. me/self-forcing-replay)")
+        fail("--push_to_hub needs --hub_dataset_id (e.g. me/self-forcing-replay)")
     return args
-
-
-def load_pipeline(args: CollectArguments) -> CausalWanPipeline:
-    """The reference generator: `--model`, the tiny offline pipeline, or Self-Forcing."""
-    dtype = getattr(torch, args.dtype)
-    if args.model:
-        return CausalWanPipeline.from_pretrained(args.model, revision=args.model_revision, dtype=dtype)
-    if args.preset == "tiny":
-        return tiny_causal_wan_pipeline().to(dtype)
-    return CausalWanPipeline.from_self_forcing(args.self_forcing_checkpoint, args.base_model, dtype=dtype)
 
 
 def _shard_dirs(output_dir: Path) -> list[Path]:
@@ -251,9 +225,9 @@ def main(argv: list[str] | None = None) -> Dataset | None:
     prompts = list(load_prompts(args)["prompt"])
     try:
         reward_funcs = [load_reward(name) for name in args.reward_funcs]
-        pipeline = load_pipeline(args).to(state.device)
-    except (OSError, ValueError) as error:  # a generator or reward that cannot be loaded
-        _fail(_one_line(error))
+    except (OSError, ValueError) as error:  # a reward that cannot be loaded
+        fail(one_line(error))
+    pipeline = load_generator(args, device=state.device)
     pipeline.set_progress_bar_config(disable=True)
     try:
         collect_shards(
@@ -280,7 +254,7 @@ def main(argv: list[str] | None = None) -> Dataset | None:
             revision=args.model_revision,
         )
     except ValueError as error:  # a collection in `output_dir` with other settings
-        _fail(_one_line(error))
+        fail(one_line(error))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

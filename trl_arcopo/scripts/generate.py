@@ -13,25 +13,17 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 
 from trl_arcopo import CausalWanPipeline
-from trl_arcopo.testing import tiny_causal_wan_pipeline
+from trl_arcopo.scripts.utils import fail, generator_parser, load_generator, load_lora, one_line, read_prompt_file
 from trl_arcopo.utils.videos import save_video
 
 # (num_frames, height, width) of each preset's generator.
 SIZES = {"tiny": (33, 64, 96), "self-forcing": (81, 480, 832)}
 DEFAULT_PROMPT = "a red car driving on a road at night"
-
-
-def _fail(message: str) -> NoReturn:
-    """One clear line on stderr and exit code 2 (argparse's convention), no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -49,20 +41,9 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trl-arcopo generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    model = parser.add_argument_group("generator")
-    model.add_argument(
-        "--preset", choices=sorted(SIZES), default="tiny", help="tiny (offline, random) or self-forcing (real)"
-    )
-    model.add_argument("--model", help="a saved CausalWanPipeline (Hub id or folder) instead of the preset's")
-    model.add_argument(
-        "--self_forcing_checkpoint", default="gdhe17/Self-Forcing", help="original checkpoint (self-forcing preset)"
-    )
-    model.add_argument(
-        "--base_model", default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", help="Wan2.1 pipeline (self-forcing preset)"
-    )
+    """The generator options (default: the tiny preset), `--lora`, and the sampling ones."""
+    parser = generator_parser(prog="trl-arcopo generate", description=__doc__)
+    model = parser.add_argument_group("LoRAs and attention window")
     model.add_argument(
         "--lora",
         type=parse_lora,
@@ -73,8 +54,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("--local_attn_size", type=int, help="attention window in latent frames (-1: global)")
     model.add_argument("--sink_size", type=int, help="first latent frames never evicted from the window")
-    model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU")
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    model.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the videos are generated"
+    )
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--prompt", action="append", default=[], help=f"repeatable; default {DEFAULT_PROMPT!r}")
@@ -90,38 +72,24 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def load_pipeline(args: argparse.Namespace) -> CausalWanPipeline:
-    """The generator of `args` (`--model`, or the preset's) with its `--lora` adapters active at their scales."""
+    """The generator of `args` (`--model`, or the preset's) on `--device`, with its `--lora` adapters active at their
+    scales."""
     pipeline_config = {
         key: value for key in ("local_attn_size", "sink_size") if (value := getattr(args, key)) is not None
     }
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.model:
-        pipe = CausalWanPipeline.from_pretrained(args.model, dtype=dtype, **pipeline_config)
-    elif args.preset == "tiny":
-        pipe = tiny_causal_wan_pipeline(**pipeline_config)
-    else:
-        pipe = CausalWanPipeline.from_self_forcing(
-            args.self_forcing_checkpoint, args.base_model, dtype=dtype, **pipeline_config
-        )
+    pipe = load_generator(args, device=args.device, **pipeline_config)
     names = [f"lora_{i}" for i in range(len(args.lora))]
     for name, (source, _) in zip(names, args.lora, strict=True):
-        try:
-            pipe.load_lora_weights(source, adapter_name=name)
-        except (OSError, ValueError) as error:
-            raise OSError(f"cannot load --lora {source}: {error}") from error
+        load_lora(pipe, source, adapter_name=name, argument=f"--lora {source}")
     if names:
         pipe.set_adapters(names, adapter_weights=[scale for _, scale in args.lora])
-    return pipe.to(device)
+    return pipe
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file is not None:
-        try:
-            prompts += [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError):
-            _fail(f"--prompt_file {args.prompt_file} is not a readable text file")
+        prompts += read_prompt_file(args.prompt_file)
     return prompts or [DEFAULT_PROMPT]
 
 
@@ -130,11 +98,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = make_parser().parse_args(argv)
     prompts = _prompts(args)
     if args.num_videos_per_prompt < 1:
-        _fail(f"--num_videos_per_prompt must be >= 1, got {args.num_videos_per_prompt}")
-    try:
-        pipe = load_pipeline(args)
-    except (OSError, ValueError) as error:  # a model or LoRA that cannot be found or does not fit
-        _fail(" ".join(str(error).split()))
+        fail(f"--num_videos_per_prompt must be >= 1, got {args.num_videos_per_prompt}")
+    pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     default_size = SIZES["self-forcing" if args.model else args.preset]
     num_frames, height, width = (
@@ -149,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 prompt, num_frames=num_frames, height=height, width=width, generator=generator, output_type="pt"
             ).frames[0]
         except ValueError as error:  # sizes the pipeline rejects
-            _fail(" ".join(str(error).split()))
+            fail(one_line(error))
         path = save_video(frames, args.output_dir / f"video_{index:03d}", fps=args.fps)
         print(f"{path}: {len(frames)} frames of {width}x{height}, seed {args.seed + index}, {prompt!r}")
         paths.append(path)

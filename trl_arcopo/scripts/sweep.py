@@ -19,10 +19,19 @@ import json
 from pathlib import Path
 
 import torch
-from datasets import load_dataset
 
 from trl_arcopo.evaluation import resolve_rewards
-from trl_arcopo.scripts.merge import add_generator_arguments, check_adapter_names, fail, load_generator, scale_spec
+from trl_arcopo.scripts.utils import (
+    adapter_sources,
+    add_adapter_argument,
+    fail,
+    generator_parser,
+    load_adapters,
+    load_generator,
+    load_prompt_dataset,
+    read_prompt_file,
+    scale_spec,
+)
 from trl_arcopo.sweep import DEFAULT_SCALES, SweepResult, sweep_merge_scale
 
 # Held-out evaluation prompts of the tiny preset (words of the tiny tokenizer, not the training prompts).
@@ -37,12 +46,13 @@ SIZES = {"tiny": (21, 32, 32), "self-forcing": (81, 480, 832)}
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trl-arcopo sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    """The generator options (`--model` or `--preset` required), `--adapter`, and the sweep, prompt and generation
+    ones."""
+    parser = generator_parser(require_generator=True, prog="trl-arcopo sweep", description=__doc__)
+    add_adapter_argument(parser)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the videos are generated"
     )
-    cuda = torch.cuda.is_available()
-    add_generator_arguments(parser, default_dtype="bfloat16" if cuda else "float32")
-    parser.add_argument("--device", default="cuda" if cuda else "cpu", help="where the videos are generated")
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument("--swept", default="on_policy", help="the adapter whose scale is swept (default on_policy)")
     sweep.add_argument(
@@ -77,32 +87,22 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def load_prompts(args: argparse.Namespace) -> list[str]:
+    """The evaluation prompts: `--prompt_file`, `--dataset_name`, or (tiny preset) a few held-out ones; the first
+    `--max_prompts` of them."""
+    if args.max_prompts is not None and args.max_prompts < 1:
+        fail(f"--max_prompts must be >= 1, got {args.max_prompts}")
     if args.prompt_file is not None:
-        try:
-            prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError):
-            fail(f"--prompt_file {args.prompt_file} is not a readable text file")
+        prompts = read_prompt_file(args.prompt_file)
     elif args.dataset_name is not None:
-        try:
-            dataset = load_dataset(args.dataset_name, split=args.dataset_split)
-        except (OSError, ValueError) as error:
-            fail(f"--dataset_name {args.dataset_name} (split {args.dataset_split}): {error}")
-        if args.prompt_column not in dataset.column_names:
-            fail(
-                f"--prompt_column {args.prompt_column!r} is not a column of {args.dataset_name}: {dataset.column_names}"
-            )
-        prompts = list(dataset[args.prompt_column])
-    elif args.preset == "tiny":
+        dataset = load_prompt_dataset(
+            args.dataset_name, split=args.dataset_split, column=args.prompt_column, column_flag="--prompt_column"
+        )
+        prompts = list(dataset["prompt"])
+    elif args.preset == "tiny" and args.model is None:
         prompts = TINY_PROMPTS
     else:
         fail("pass evaluation prompts with --prompt_file or --dataset_name")
-    if args.max_prompts is not None:
-        if args.max_prompts < 1:
-            fail(f"--max_prompts must be >= 1, got {args.max_prompts}")
-        prompts = prompts[: args.max_prompts]
-    if not prompts:
-        fail("no prompts to evaluate")
-    return prompts
+    return prompts[: args.max_prompts]
 
 
 def main(argv: list[str] | None = None) -> SweepResult:
@@ -111,14 +111,15 @@ def main(argv: list[str] | None = None) -> SweepResult:
     fixed = dict(args.fixed) or {"semi": 1.0}
     if args.swept in fixed:
         fail(f"--swept {args.swept} is also given in --fixed; remove it there")
-    sources = check_adapter_names(args, "--fixed/--swept", [*fixed, args.swept])
+    sources = adapter_sources(args, "--fixed/--swept", [*fixed, args.swept])
     prompts = load_prompts(args)
     try:
         in_domain, out_of_domain = resolve_rewards(args.in_domain), resolve_rewards(args.out_of_domain)
     except ValueError as error:
         fail(str(error))
-    pipe = load_generator(args, sources).to(args.device)
-    default_size = SIZES.get(args.preset, SIZES["self-forcing"])
+    pipe = load_generator(args, device=args.device)
+    load_adapters(pipe, sources)
+    default_size = SIZES["self-forcing" if args.model else args.preset]
     num_frames, height, width = (
         given or default
         for given, default in zip((args.num_frames, args.height, args.width), default_size, strict=True)

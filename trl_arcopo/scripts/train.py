@@ -4,27 +4,35 @@
     trl-arcopo train --config examples/configs/self_forcing_on_policy.yaml --prompt_file prompts.txt
     trl-arcopo train --accelerate_config multi_gpu --num_processes 8 --preset self-forcing \\
         --dataset_name <hub dataset with a prompt column> --push_to_hub
+    trl-arcopo train --preset tiny --training_mode semi_on_policy --replay_dataset outputs/replay-tiny
     accelerate launch -m trl_arcopo.scripts.train --preset self-forcing --prompt_file prompts.txt
 
 Every `ARCoPOConfig` field is a flag (`--num_generations 12`, `--learning_rate 1e-5`, ...). A preset only changes
-defaults; `--config` YAML keys override the preset and flags override both.
+defaults; `--config` YAML keys override the preset and flags override both. Semi-on-policy training
+(`--training_mode semi_on_policy`) takes its prompts from the replay buffer `--replay_dataset` (written by
+`trl-arcopo collect`), not from `--prompt_file` / `--dataset_name`.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 import torch
-import yaml
-from datasets import Dataset, load_dataset
+from datasets import Dataset
 from trl import TrlParser
 
-from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, CausalWanPipeline
-from trl_arcopo.testing import TINY_TRAINING_ARGS, tiny_causal_wan_pipeline
+from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
+from trl_arcopo.scripts.utils import (
+    GeneratorArguments,
+    fail,
+    load_generator,
+    load_prompt_dataset,
+    one_line,
+    parse_with_preset,
+    read_prompt_file,
+)
+from trl_arcopo.testing import TINY_TRAINING_ARGS
 from trl_arcopo.utils.videos import save_video
 
 TINY_PROMPTS = [
@@ -52,7 +60,7 @@ PRESETS: dict[str, dict] = {
         "max_steps": 200,  # 100 rollout iterations x μ=2 updates
         "save_steps": 25,
         "transformer_gradient_checkpointing": True,
-        "model_init_kwargs": {"dtype": "bfloat16"},
+        "dtype": "bfloat16",
         # VideoAlign's three heads, optimized jointly (the paper's reward); a column without a weight counts 0.
         "reward_funcs": ["videoalign"],
         "reward_weights": {"videoalign:VQ": 1.0, "videoalign:MQ": 1.0, "videoalign:TA": 1.0},
@@ -61,23 +69,9 @@ PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class ScriptArguments:
+class ScriptArguments(GeneratorArguments):
     """What to train and on which prompts (the AR-CoPO settings are in `ARCoPOConfig`)."""
 
-    preset: str = field(
-        default="tiny", metadata={"help": f"Defaults to start from: one of {', '.join(sorted(PRESETS))}."}
-    )
-    model: str | None = field(
-        default=None,
-        metadata={"help": "A saved CausalWanPipeline (Hub id or folder). Default: the preset's generator."},
-    )
-    self_forcing_checkpoint: str = field(
-        default="gdhe17/Self-Forcing",
-        metadata={"help": "Original Self-Forcing checkpoint (Hub id or file) of the self-forcing preset."},
-    )
-    base_model: str = field(
-        default="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", metadata={"help": "Wan2.1 pipeline giving tokenizer/umT5/VAE."}
-    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["brightness"],
         metadata={
@@ -94,58 +88,24 @@ class ScriptArguments:
     prompt_file: str | None = field(default=None, metadata={"help": "Text file with one prompt per line."})
 
 
-def _fail(message: str) -> NoReturn:
-    """One clear line on stderr and exit code 2 (argparse's convention), no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
 def make_parser() -> TrlParser:
     """The parser of `ScriptArguments` and `ARCoPOConfig` (reads `--config file.yaml`), without preset defaults."""
     return TrlParser((ScriptArguments, ARCoPOConfig), prog="trl-arcopo train")
 
 
-def _requested_preset(argv: list[str]) -> str:
-    """The preset named by `--preset`, else by the `--config` YAML, else "tiny"."""
-    early = argparse.ArgumentParser(add_help=False)
-    early.add_argument("--preset")
-    early.add_argument("--config")
-    known = early.parse_known_args(argv)[0]
-    if known.preset is not None:
-        return known.preset
-    if known.config is not None:
-        try:
-            config = yaml.safe_load(Path(known.config).read_text())
-        except (OSError, yaml.YAMLError) as error:
-            _fail(f"--config {known.config} is not a readable YAML file: {_one_line(error)}")
-        if isinstance(config, dict) and "preset" in config:
-            return config["preset"]
-    return "tiny"
-
-
 def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, ARCoPOConfig]:
     """Parse flags and `--config` on top of the requested preset's defaults; bad input exits with code 2."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    preset = _requested_preset(argv)
-    if preset not in PRESETS:
-        _fail(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)}")
-    parser = make_parser()
-    parser.set_defaults(**PRESETS[preset])
-    try:
-        script_args, config, unknown_keys, unknown_flags = parser.parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
+    script_args, config = parse_with_preset(make_parser(), PRESETS, argv)
+    if config.model_init_kwargs:
+        fail(
+            "--model_init_kwargs is not read by this script, which loads the generator itself: use --dtype and "
+            "--model_revision"
         )
-    except ValueError as error:  # invalid ARCoPOConfig values
-        _fail(_one_line(error))
-    if unknown_keys:
-        names = ", ".join(key.removeprefix("--") for key in unknown_keys[::2])
-        _fail(f"unknown key(s) in the --config file: {names} (`--help` lists the valid ones)")
-    if unknown_flags:
-        _fail(f"unrecognized arguments: {' '.join(unknown_flags)} (`--help` lists the valid ones)")
+    if config.training_mode == "semi_on_policy" and (script_args.prompt_file or script_args.dataset_name):
+        fail(
+            "--training_mode semi_on_policy trains on the prompts of the replay buffer --replay_dataset: remove "
+            "--prompt_file / --dataset_name"
+        )
     return script_args, config
 
 
@@ -153,44 +113,17 @@ def load_prompts(script_args: ScriptArguments) -> Dataset:
     """The training prompts as a dataset with a `prompt` column: `--prompt_file`, `--dataset_name`, or (tiny preset
     only) a few built-in prompts."""
     if script_args.prompt_file:
-        path = Path(script_args.prompt_file)
-        try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError):
-            _fail(f"--prompt_file {path} is not a readable text file")
-        prompts = [line.strip() for line in lines if line.strip()]
-        if not prompts:
-            _fail(f"--prompt_file {path} has no prompts")
-        return Dataset.from_dict({"prompt": prompts})
+        return Dataset.from_dict({"prompt": read_prompt_file(script_args.prompt_file)})
     if script_args.dataset_name:
-        try:
-            dataset = load_dataset(
-                script_args.dataset_name, script_args.dataset_config, split=script_args.dataset_split
-            )
-        except (OSError, ValueError) as error:
-            _fail(f"cannot load --dataset_name {script_args.dataset_name}: {_one_line(error)}")
-        column = script_args.dataset_prompt_column
-        if column not in dataset.column_names:
-            _fail(
-                f"--dataset_name {script_args.dataset_name} has no column {column!r} ({dataset.column_names}); "
-                "set --dataset_prompt_column"
-            )
-        return dataset if column == "prompt" else dataset.rename_column(column, "prompt")
+        return load_prompt_dataset(
+            script_args.dataset_name,
+            config=script_args.dataset_config,
+            split=script_args.dataset_split,
+            column=script_args.dataset_prompt_column,
+        )
     if script_args.preset == "tiny":
         return Dataset.from_dict({"prompt": TINY_PROMPTS})
-    _fail(f"the {script_args.preset} preset needs prompts: pass --prompt_file or --dataset_name")
-
-
-def load_model(script_args: ScriptArguments, config: ARCoPOConfig) -> CausalWanPipeline | str:
-    """The generator to align: `--model` (loaded by the trainer), the tiny offline pipeline, or Self-Forcing."""
-    if script_args.model:
-        return script_args.model
-    if script_args.preset == "tiny":
-        return tiny_causal_wan_pipeline()
-    dtype = getattr(torch, (config.model_init_kwargs or {}).get("dtype", "bfloat16"))
-    return CausalWanPipeline.from_self_forcing(
-        script_args.self_forcing_checkpoint, script_args.base_model, dtype=dtype
-    )
+    fail(f"the {script_args.preset} preset needs prompts: pass --prompt_file or --dataset_name")
 
 
 def main(argv: list[str] | None = None) -> ARCoPOTrainer:
@@ -199,24 +132,18 @@ def main(argv: list[str] | None = None) -> ARCoPOTrainer:
     Returns the trainer (for in-process use); bad input exits with code 2 and one line on stderr.
     """
     script_args, config = parse(argv)
-    prompts = load_prompts(script_args)
-    try:
-        model = load_model(script_args, config)
-    except OSError as error:
-        _fail(
-            f"cannot load the {script_args.preset} generator ({script_args.self_forcing_checkpoint} + "
-            f"{script_args.base_model}): {_one_line(error)} Check the ids, the network and HF_HUB_OFFLINE, or pass "
-            "--model"
-        )
+    semi_on_policy = config.training_mode == "semi_on_policy"
+    prompts = None if semi_on_policy else load_prompts(script_args)  # the replay buffer brings its own
+    model = load_generator(script_args, device=config.device)
     try:
         trainer = ARCoPOTrainer(model, script_args.reward_funcs, args=config, train_dataset=prompts)
-    except (OSError, ValueError) as error:  # a `--model` or reward that cannot be loaded, settings they reject
-        _fail(_one_line(error))
+    except (OSError, ValueError) as error:  # a reward or buffer that cannot be loaded, settings they reject
+        fail(one_line(error))
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()
     if trainer.accelerator.is_main_process:
         video = trainer.pipeline(
-            prompts[0]["prompt"],
+            str(trainer.train_dataset["prompt"][0]),  # the buffer's first prompt in semi-on-policy mode
             num_frames=config.num_frames,
             height=config.height,
             width=config.width,
@@ -226,7 +153,7 @@ def main(argv: list[str] | None = None) -> ARCoPOTrainer:
         path = save_video(video, Path(config.output_dir) / "sample", fps=config.video_fps)
         print(f"LoRA, model card and a sample video ({path.name}) written to {config.output_dir}")
     if config.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.push_to_hub(dataset_name=config.replay_dataset if semi_on_policy else script_args.dataset_name)
     return trainer
 
 
