@@ -90,10 +90,12 @@ class ARCoPOTrainer(Trainer):
     Args:
         model: a :class:`~trl_arcopo.CausalWanPipeline`, or a Hub id / local path of one (loaded with
             ``args.model_init_kwargs``). Only the LoRA adapter named ``args.adapter_name`` trains.
-        reward_funcs: one or several rewards ``f(prompts, videos, **kwargs) -> list[float | None]`` with ``videos``
-            ``[B, F, 3, H, W]`` in [0, 1] (``nn.Module`` rewards follow the same call), or names of built-in rewards
-            (``"temporal_flicker"``, ``"colorfulness"``, ``"brightness"``, ``"sharpness"``). Extra dataset columns
-            and ``trainer_state`` reach them as keyword arguments.
+        reward_funcs: one or several rewards ``f(prompts, videos, **kwargs) -> list[float | None]`` (or a dict of
+            heads ``{head: scores}``, weighted by column with ``args.reward_weights``) with ``videos``
+            ``[B, F, 3, H, W]`` in [0, 1], or names resolved with :func:`~trl_arcopo.rewards.load_reward` (built-ins
+            such as ``"brightness"``, ``"videoalign"``, ``"pickscore"``, Hub ids, ``http(s)://`` reward-server URLs).
+            ``nn.Module`` rewards are moved to the training device. Extra dataset columns and ``trainer_state`` reach
+            them as keyword arguments.
         args: an :class:`~trl_arcopo.ARCoPOConfig`. With ``training_mode="semi_on_policy"`` the groups come from
             the replay buffer ``args.replay_dataset`` (no generation; its stored rewards are read for the columns of
             ``reward_funcs``, which are called only by :meth:`evaluate`).
