@@ -14,7 +14,6 @@ import pytest
 from datasets import Dataset
 from safetensors.torch import load_file
 
-from trl_arcopo import ARCoPOConfig
 from trl_arcopo.replay import load_replay_buffer, record_rewards
 from trl_arcopo.scripts import train
 
@@ -23,22 +22,6 @@ EXAMPLE = REPO / "examples" / "train_selfforcing.py"
 CONFIGS = sorted((REPO / "examples" / "configs").glob("*.yaml"))
 SEMI_ON_POLICY_CONFIG = REPO / "examples" / "configs" / "tiny_semi_on_policy.yaml"
 STEPS = 20
-
-
-def _accepts_weights_by_column() -> bool:
-    try:
-        ARCoPOConfig("unused", reward_weights={"videoalign:VQ": 1.0}, report_to="none")
-    except ValueError:
-        return False
-    return True
-
-
-# The self-forcing preset weighs VideoAlign's heads by column: it needs `reward_weights` as a dict.
-needs_weights_by_column = pytest.mark.xfail(
-    not _accepts_weights_by_column(),
-    reason="ARCoPOConfig does not accept `reward_weights` as a dict keyed by reward column yet",
-    strict=True,
-)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +66,6 @@ def test_tiny_run_raises_the_reward(tiny_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="needs the trainer hook: plot_training_curves(state.log_history, output_dir / 'training_curves.png') "
-    "at the end of train() (and the image linked in the model card)",
-    strict=False,
-)
 def test_tiny_run_plots_its_training_curves(tiny_run):
     output_dir, _ = tiny_run
     assert (output_dir / "training_curves.png").stat().st_size > 0
@@ -168,7 +146,6 @@ def test_flags_override_the_preset_and_yaml_overrides_the_preset(tmp_path):
     assert script_args.reward_funcs == ["colorfulness", "sharpness"]
 
 
-@needs_weights_by_column
 def test_the_yaml_preset_chooses_the_defaults(tmp_path):
     yaml = tmp_path / "run.yaml"
     yaml.write_text("preset: self-forcing\nmax_steps: 7\n")
@@ -180,17 +157,12 @@ def test_the_yaml_preset_chooses_the_defaults(tmp_path):
     assert config.reward_weights == {"videoalign:VQ": 1.0, "videoalign:MQ": 1.0, "videoalign:TA": 1.0}
 
 
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=[needs_weights_by_column] if "self_forcing" in p.name else []) for p in CONFIGS],
-    ids=lambda p: p.name,
-)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_example_config_parses(path):
     script_args, config = train.parse(["--config", str(path)])
     assert script_args.preset in train.PRESETS and config.output_dir
 
 
-@needs_weights_by_column
 def test_the_self_forcing_config_has_the_paper_hyper_parameters():
     script_args, config = train.parse(["--config", str(REPO / "examples" / "configs" / "self_forcing_on_policy.yaml")])
     paper = {"num_generations": 12, "noise_sigma": 0.5, "num_anchors": 4, "learning_rate": 1e-5, "epsilon": 1e-4}
@@ -250,12 +222,10 @@ def test_bad_yaml_keys(tmp_path, capsys):
     assert "unknown key(s) in the --config file: max_stepz, noise_sigmaa" in message
 
 
-@needs_weights_by_column
 def test_the_real_preset_needs_prompts(capsys):
     assert "needs prompts: pass --prompt_file or --dataset_name" in _exit_line(capsys, ["--preset", "self-forcing"])
 
 
-@needs_weights_by_column
 def test_missing_real_model_is_one_line_without_traceback(tmp_path):
     """The self-forcing preset offline with an empty Hub cache: the generator cannot be found."""
     prompt_file = tmp_path / "prompts.txt"
