@@ -5,6 +5,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
 import torch
 from peft import LoraConfig
@@ -12,7 +13,7 @@ from peft.utils import get_peft_model_state_dict
 
 from trl_arcopo import CausalWanPipeline
 from trl_arcopo.scripts import generate
-from trl_arcopo.testing import tiny_causal_wan_pipeline
+from trl_arcopo.testing import populate_hub_cache, tiny_causal_wan_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SIZE = ["--num_frames", "9", "--height", "32", "--width", "32"]
@@ -67,6 +68,23 @@ def test_loras_are_applied_at_their_scales(lora_dir):
         ["--device", "cpu", "--lora", f"{lora_dir}=0.5", "--lora", f"{lora_dir}=0.5"]
     )
     torch.testing.assert_close(_frames(generate.load_pipeline(args)), with_lora, rtol=0, atol=1e-5)
+
+
+def test_a_hub_model_loads_at_its_revision_from_the_cache(tmp_path, hf_cache, monkeypatch, capsys):
+    tiny_causal_wan_pipeline().save_pretrained(tmp_path / "pipe")
+    populate_hub_cache("me/tiny-causal-wan", tmp_path / "pipe", cache_dir=hf_cache, revision="v1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hf_cache))  # HF_HUB_OFFLINE=1
+    args = generate.make_parser().parse_args(
+        ["--device", "cpu", "--model", "me/tiny-causal-wan", "--model_revision", "v1"]
+    )
+    torch.testing.assert_close(
+        _frames(generate.load_pipeline(args)), _frames(tiny_causal_wan_pipeline()), rtol=0, atol=1e-5
+    )
+
+    with pytest.raises(SystemExit) as exit_info:  # "main" is not in the cache
+        generate.load_pipeline(generate.make_parser().parse_args(["--device", "cpu", "--model", "me/tiny-causal-wan"]))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines[-1].startswith("error: cannot load --model me/tiny-causal-wan: ")
 
 
 def test_generate_writes_one_video_per_prompt_and_seed(tmp_path, lora_dir, capsys):
