@@ -20,3 +20,13 @@ def fixture_dir() -> Path:
 def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty Hugging Face Hub cache directory for this test session (one per xdist worker)."""
     return tmp_path_factory.mktemp("hf_cache")
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on loopback (for the rendezvous of multi-process `accelerate launch` runs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,8 @@ import pytest
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_process_training_keeps_replicas_in_sync(tmp_path):
+def test_two_process_training_keeps_replicas_in_sync(tmp_path, free_port):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -37,7 +30,7 @@ def test_two_process_training_keeps_replicas_in_sync(tmp_path):
         "--main_process_ip",
         "127.0.0.1",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port),
         str(SCRIPT),
         str(tmp_path),
     ]

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -267,15 +266,12 @@ def test_processes_collect_disjoint_shares_that_merge_into_the_single_process_bu
 
 
 @pytest.mark.slow
-def test_collect_script_under_accelerate_launch_with_two_processes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_collect_script_under_accelerate_launch_with_two_processes(tmp_path, free_port):
     argv = ["--num_groups", "4", "--num_generations", "4"]
     command = [
         *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
         *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
-        *("--main_process_ip", "127.0.0.1", "--main_process_port", str(port)),
+        *("--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port)),
         *("-m", "trl_arcopo.scripts.collect", "--output_dir", str(tmp_path / "two"), *argv),
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

@@ -5,7 +5,6 @@ clear line for bad input."""
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -113,18 +112,12 @@ def test_semi_on_policy_flow_trains_the_semi_adapter_on_the_collected_buffer(sem
     assert sample.stat().st_size > 0 and sample.name in result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_two_processes_through_the_cli_launcher(tmp_path):
+def test_two_processes_through_the_cli_launcher(tmp_path, free_port):
     """`trl-arcopo train` with accelerate options re-launches itself with `accelerate launch` (DDP over gloo)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    launch += ["--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+    launch += ["--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port)]
     script = ["--preset", "tiny", "--max_steps", "4", "--num_generations", "4", "--num_anchors", "2"]
     script += ["--output_dir", str(tmp_path), "--save_strategy", "no", "--log_videos_steps", "0"]
     command = [sys.executable, "-m", "trl_arcopo.cli", "train", *launch, *script, "--disable_tqdm", "true"]

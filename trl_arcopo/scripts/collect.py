@@ -100,7 +100,7 @@ class CollectArguments(ScriptArguments):
 
 def make_parser() -> TrlParser:
     """The parser of `CollectArguments` (reads `--config file.yaml`), without preset defaults."""
-    return TrlParser((CollectArguments,))
+    return TrlParser((CollectArguments,), prog="trl-arcopo collect")
 
 
 def parse(argv: list[str] | None = None) -> CollectArguments:
