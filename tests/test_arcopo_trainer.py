@@ -199,6 +199,16 @@ def test_push_to_hub_uploads_the_output_dir(tmp_path, monkeypatch):
     assert "hf_secret" not in (tmp_path / "training_args.json").read_text()  # tokens are never written
 
 
+def test_save_uses_a_gathered_state_dict(tmp_path):
+    """Under FSDP `Trainer.save_model` hands `_save` the full state dict (the module holds shards): the LoRA must
+    come from that state dict."""
+    trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), "brightness", args=_config(tmp_path), train_dataset=PROMPTS)
+    full = {k: torch.full_like(v, 0.5) for k, v in trainer.model.state_dict().items()}
+    trainer._save(str(tmp_path / "gathered"), state_dict=full)
+    saved = load_file(tmp_path / "gathered" / "pytorch_lora_weights.safetensors")
+    assert saved and all(torch.equal(v, torch.full_like(v, 0.5)) for v in saved.values())
+
+
 def test_resume_from_checkpoint_continues_exactly(tmp_path):
     common = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3}  # step 3 is mid-rollout (reused buffer)
     full = ARCoPOTrainer(

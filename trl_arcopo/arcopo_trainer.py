@@ -721,7 +721,9 @@ class ARCoPOTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         transformer = self.accelerator.unwrap_model(self.model)
         name = self.args.adapter_name
-        lora_state = get_peft_model_state_dict(transformer, adapter_name=name)
+        # Under FSDP the Trainer gathers the full state dict on every rank and passes it here (the parameters of the
+        # wrapped model are shards).
+        lora_state = get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=name)
         peft_config = transformer.peft_config[name]
         CausalWanPipeline.save_lora_weights(
             output_dir, transformer_lora_layers=lora_state, transformer_lora_adapter_metadata=peft_config.to_dict()
