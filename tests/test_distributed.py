@@ -43,3 +43,6 @@ def test_two_process_training_keeps_replicas_in_sync(tmp_path, free_port):
     # Rewards are gathered over processes before logging: every rank logs the same global statistics.
     assert ranks[0]["rewards"] == ranks[1]["rewards"] and len(ranks[0]["rewards"]) == 2
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    # Evaluation splits 3 prompts over the 2 processes (2 + 1) and gathers them: the one-process result on both ranks.
+    for rank in ranks:
+        assert rank["eval_reward"] == pytest.approx(rank["local_eval_reward"], abs=1e-6)

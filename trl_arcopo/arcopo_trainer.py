@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from huggingface_hub import ModelCard, ModelCardData
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
@@ -370,7 +371,7 @@ class ARCoPOTrainer(Trainer):
             weights=args.pivot_weights,
             generator=self.rollout_generator,
         )
-        group = generate_group(
+        return generate_group(
             self.pipeline,
             self.pipeline.encode_prompt(row["prompt"]),
             num_generations=args.num_generations,
@@ -381,7 +382,6 @@ class ARCoPOTrainer(Trainer):
             rollout_batch_size=args.rollout_batch_size,
             generator=self.rollout_generator,
         )
-        return group
 
     def _score_group(self, row: dict, group: RolloutGroup, mode: str) -> Future:
         """The rewards ``[G, K]`` of a rolled-out group (None: a reward failed and the group is skipped), as a future:
@@ -644,8 +644,9 @@ class ARCoPOTrainer(Trainer):
         )
         self.model.train()
         self._set_reward_columns(result.reward_columns)
-        scores = torch.tensor([result.table[column] for column in self.reward_columns], dtype=torch.float64).T
-        scores = self.accelerator.gather(scores.to(self.accelerator.device)).cpu()  # [P, K]
+        # Shards differ in size when the processes do not divide the prompts: gather Python rows, not tensors.
+        rows = [list(row) for row in zip(*(result.table[column] for column in self.reward_columns), strict=True)]
+        scores = torch.tensor(gather_object(rows), dtype=torch.float64)  # [P, K]
         total = (scores * self.reward_column_weights).sum(-1)
         metrics = {
             f"{metric_key_prefix}_reward": total.nanmean().item(),
