@@ -102,6 +102,29 @@ def validate_videos(videos: Any) -> None:
         )
 
 
+def _validate_video_batch(videos: Any) -> int:
+    """Check a tensor ``[B, F, 3, H, W]`` (:func:`validate_videos`) or a non-empty list of tensors ``[F, 3, H, W]``
+    (videos that may differ in size) with values in ``[0, 1]``; return ``B``."""
+    if isinstance(videos, torch.Tensor):
+        validate_videos(videos)
+        return videos.shape[0]
+    if not isinstance(videos, (list, tuple)) or not videos:
+        got = "an empty list" if isinstance(videos, (list, tuple)) else type(videos).__name__
+        raise ValueError(
+            "`videos` must be a floating tensor [B, F, 3, H, W] or a non-empty list of floating tensors [F, 3, H, W] "
+            f"with values in [0, 1], got {got}."
+        )
+    for i, video in enumerate(videos):
+        if not isinstance(video, torch.Tensor) or video.ndim != 4:
+            shape = f"shape {tuple(video.shape)}" if isinstance(video, torch.Tensor) else type(video).__name__
+            raise ValueError(f"`videos[{i}]` must be a floating tensor [F, 3, H, W], got {shape}.")
+        try:
+            validate_videos(video.unsqueeze(0))
+        except ValueError as error:
+            raise ValueError(f"`videos[{i}]` (as a batch of one): {error}") from None
+    return len(videos)
+
+
 def _check_prompts(prompts: Any, batch_size: int) -> None:
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError(f"`prompts` must be a list of {batch_size} strings, got {type(prompts).__name__}.")

@@ -33,7 +33,7 @@ import torch
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from .protocol import RewardFunctionError, validate_videos
+from .protocol import _RESERVED_KWARGS, RewardFunctionError, _check_prompts, _validate_video_batch
 
 __all__ = ["TOKEN_ENV", "RemoteReward", "RemoteRewardError", "decode_score_request", "encode_score_request"]
 
@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 
 TOKEN_ENV = "TRL_ARCOPO_REWARD_TOKEN"
 PAYLOAD_DTYPES = (torch.float16, torch.float32, torch.uint8)
-# Keyword arguments that would collide with the positional `prompts` / `videos` of the reward call.
-_RESERVED_KWARGS = ("prompts", "videos")
 
 Videos = torch.Tensor | list[torch.Tensor]
 
@@ -52,35 +50,10 @@ Videos = torch.Tensor | list[torch.Tensor]
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _check_videos(videos: Any) -> int:
-    """Check a tensor ``[B, F, 3, H, W]`` or a non-empty list of tensors ``[F, 3, H, W]`` in [0, 1]; return ``B``."""
-    if isinstance(videos, torch.Tensor):
-        validate_videos(videos)
-        return videos.shape[0]
-    if not isinstance(videos, (list, tuple)) or not videos:
-        got = "an empty list" if isinstance(videos, (list, tuple)) else type(videos).__name__
-        raise ValueError(
-            "`videos` must be a floating tensor [B, F, 3, H, W] or a non-empty list of floating tensors [F, 3, H, W] "
-            f"with values in [0, 1], got {got}."
-        )
-    for i, video in enumerate(videos):
-        if not isinstance(video, torch.Tensor) or video.ndim != 4:
-            shape = f"shape {tuple(video.shape)}" if isinstance(video, torch.Tensor) else type(video).__name__
-            raise ValueError(f"`videos[{i}]` must be a floating tensor [F, 3, H, W], got {shape}.")
-        try:
-            validate_videos(video.unsqueeze(0))
-        except ValueError as error:
-            raise ValueError(f"`videos[{i}]` (as a batch of one): {error}") from None
-    return len(videos)
-
-
-def _check_prompts(prompts: Any, batch_size: int) -> None:
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+def _check_prompt_strings(prompts: Any, batch_size: int) -> None:
+    _check_prompts(prompts, batch_size)
+    if not all(isinstance(prompt, str) for prompt in prompts):
         raise ValueError(f"`prompts` must be a list of {batch_size} strings, got {prompts!r:.200}.")
-    if len(prompts) != batch_size:
-        raise ValueError(
-            f"`prompts` must have one prompt per video: got {len(prompts)} prompts for {batch_size} videos."
-        )
 
 
 def _check_kwargs(kwargs: Any) -> None:
@@ -119,8 +92,7 @@ def encode_score_request(
     """
     if dtype not in PAYLOAD_DTYPES:
         raise ValueError(f"`dtype` must be one of {PAYLOAD_DTYPES}, got {dtype}.")
-    batch_size = _check_videos(videos)
-    _check_prompts(prompts, batch_size)
+    _check_prompt_strings(prompts, _validate_video_batch(videos))
     kwargs = dict(kwargs or {})
     _check_kwargs(kwargs)
     try:
@@ -188,7 +160,7 @@ def decode_score_request(data: bytes) -> tuple[list[str], Videos, dict[str, Any]
             "the payload must hold one tensor `videos` [B, F, 3, H, W] or tensors `video_0` ... `video_{B-1}` "
             f"[F, 3, H, W], got {sorted(tensors)[:8]}."
         )
-    _check_prompts(prompts, _check_videos(videos))
+    _check_prompt_strings(prompts, _validate_video_batch(videos))
     _check_kwargs(kwargs)
     return list(prompts), videos, dict(kwargs)
 

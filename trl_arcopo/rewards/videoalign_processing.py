@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BatchFeature, PreTrainedTokenizerBase
 
-from .protocol import _check_prompts, validate_videos
+from .protocol import _check_prompts, _validate_video_batch
 
 __all__ = [
     "DEFAULT_FPS",
@@ -187,26 +187,6 @@ def resize_frames(
     return resized.clamp(0, 255).round().to(torch.uint8)
 
 
-def _as_video_list(videos: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    if isinstance(videos, torch.Tensor):
-        validate_videos(videos)
-        return list(videos.unbind(0))
-    expected = "a floating tensor [B, F, 3, H, W] or a non-empty list of [F, 3, H, W] tensors in [0, 1]"
-    if isinstance(videos, str) or not isinstance(videos, Sequence):
-        raise ValueError(f"`videos` must be {expected}, got {type(videos).__name__}.")
-    if not videos:
-        raise ValueError(f"`videos` must be {expected}, got an empty list.")
-    for i, video in enumerate(videos):
-        if not isinstance(video, torch.Tensor) or video.ndim != 4:
-            shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-            raise ValueError(f"`videos[{i}]` must be a floating tensor [F, 3, H, W] in [0, 1], got {shape}.")
-        try:
-            validate_videos(video.unsqueeze(0))
-        except ValueError as error:
-            raise ValueError(f"`videos[{i}]` (as [1, F, 3, H, W]): {error}") from None
-    return list(videos)
-
-
 def _per_video_fps(fps: float | Sequence[float] | torch.Tensor | None, batch_size: int) -> list[float]:
     def check(value: object, where: str) -> float:
         if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -325,8 +305,8 @@ class VideoAlignProcessor:
             ``[sum_i t_i * h_i * w_i, 1176]`` (videos concatenated in batch order) and ``video_grid_thw`` ``[B, 3]``,
             on the device of the videos.
         """
-        video_list = _as_video_list(videos)
-        _check_prompts(prompts, len(video_list))
+        _check_prompts(prompts, _validate_video_batch(videos))
+        video_list = list(videos)  # [F, 3, H, W] tensors
         rates = _per_video_fps(fps, len(video_list))
         texts = [self.chat_text(prompt) for prompt in prompts]
         pixel_values, grids = [], []
