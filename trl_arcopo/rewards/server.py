@@ -191,13 +191,12 @@ def serve_in_background(app: FastAPI, host: str = "127.0.0.1", port: int = 0) ->
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
-            raise RuntimeError(f"the reward server did not start on {host}:{port}")
-        time.sleep(0.005)
     try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the reward server did not start on {host}:{port}")
+            time.sleep(0.005)
         yield f"http://{host}:{port}"
     finally:
         server.should_exit = True
