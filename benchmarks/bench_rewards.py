@@ -90,19 +90,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         if args.models == "tiny":
             cache_tiny_clip_rewards(cache_dir)
-        rewards = {name: load(name, args, cache_dir if args.models == "tiny" else None) for name in args.rewards}
+        hub_cache = cache_dir if args.models == "tiny" else None
+        rewards = {name: load(name, args, hub_cache) for name in args.rewards}
 
         print("reward            seconds/call  videos/s")
-        seconds = {}
+        measured = {}  # name -> (seconds per call, scores)
         for name, reward in rewards.items():
-            seconds[name], _ = timed(reward, prompts, videos, args.repeats)
-            print(f"{name:<16}  {seconds[name]:12.4f}  {args.num_videos / seconds[name]:8.2f}")
+            measured[name] = timed(reward, prompts, videos, args.repeats)
+            print(f"{name:<16}  {measured[name][0]:12.4f}  {args.num_videos / measured[name][0]:8.2f}")
 
         print("remote            in_process_s  remote_s  remote/in_process  max_abs_score_diff")
         token = "bench-token"
         for name in args.remote:
-            reward = rewards.get(name) or load(name, args, cache_dir if args.models == "tiny" else None)
-            local_s, local = timed(reward, prompts, videos, args.repeats)
+            reward = rewards.get(name) or load(name, args, hub_cache)
+            local_s, local = measured.get(name) or timed(reward, prompts, videos, args.repeats)
             with serve_in_background(create_app(reward, token=token)) as url:
                 remote = RemoteReward(url, token, payload_dtype=getattr(torch, args.payload_dtype))
                 remote_s, scores = timed(remote, prompts, videos, args.repeats)
