@@ -32,7 +32,7 @@ from trl.trainer.utils import RepeatSampler
 
 from . import copo
 from .arcopo_config import ARCoPOConfig
-from .evaluation import evaluate_pipeline
+from .evaluation import evaluate_pipeline, resolve_rewards
 from .pipelines.causal_wan import CausalWanPipeline
 from .replay import (
     buffer_settings,
@@ -48,7 +48,6 @@ from .rewards import (
     RewardFunctionError,
     RewardOutputError,
     compute_rewards,
-    load_reward,
     reward_column_weights,
     reward_names,
 )
@@ -145,7 +144,9 @@ class ARCoPOTrainer(Trainer):
             raise TypeError(f"`args` must be an ARCoPOConfig, got {type(args).__name__}.")
         pipeline = self._load_pipeline(model, args)
         self.pipeline = pipeline
-        self.reward_funcs = self._resolve_rewards(reward_funcs)
+        self.reward_funcs = resolve_rewards(reward_funcs)
+        if not self.reward_funcs:
+            raise ValueError("`reward_funcs` is empty: pass at least one reward function.")
         self.reward_func_names = reward_names(self.reward_funcs)
         if args.training_mode == "semi_on_policy":
             train_dataset = self._load_replay_buffer(args, pipeline, train_dataset)
@@ -209,20 +210,6 @@ class ARCoPOTrainer(Trainer):
             kwargs = {k: _to_dtype(v) for k, v in (args.model_init_kwargs or {}).items()}
             return CausalWanPipeline.from_pretrained(model, **kwargs)
         raise TypeError(f"`model` must be a CausalWanPipeline or a Hub id / path of one, got {type(model).__name__}.")
-
-    @staticmethod
-    def _resolve_rewards(reward_funcs: RewardFunc | Sequence[RewardFunc]) -> list:
-        funcs = list(reward_funcs) if isinstance(reward_funcs, list | tuple) else [reward_funcs]
-        if not funcs:
-            raise ValueError("`reward_funcs` is empty: pass at least one reward function.")
-        resolved = []
-        for func in funcs:
-            if isinstance(func, str):
-                func = load_reward(func)
-            elif not callable(func):
-                raise TypeError(f"Reward {func!r} is not callable.")
-            resolved.append(func)
-        return resolved
 
     def _load_replay_buffer(self, args: ARCoPOConfig, pipeline: CausalWanPipeline, train_dataset) -> Dataset:
         """The buffer of ``args.replay_dataset``, checked against this run: settings and reward columns."""
