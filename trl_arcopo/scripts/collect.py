@@ -34,7 +34,7 @@ from trl_arcopo import CausalWanPipeline
 from trl_arcopo.replay import collect_replay_buffer, generation_settings
 from trl_arcopo.rewards import load_reward
 from trl_arcopo.scripts.train import ScriptArguments, load_prompts
-from trl_arcopo.scripts.utils import fail, load_generator, one_line, parse_with_preset
+from trl_arcopo.scripts.utils import fail, load_generator, parse_with_preset
 from trl_arcopo.testing import TINY_TRAINING_ARGS
 
 SHARDS_DIR = "shards"
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> Dataset | None:
     try:
         reward_funcs = [load_reward(name) for name in args.reward_funcs]
     except (OSError, ValueError) as error:  # a reward that cannot be loaded
-        fail(one_line(error))
+        fail(error)
     pipeline = load_generator(args, device=state.device)
     pipeline.set_progress_bar_config(disable=True)
     try:
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> Dataset | None:
             revision=args.model_revision,
         )
     except ValueError as error:  # a collection in `output_dir` with other settings
-        fail(one_line(error))
+        fail(error)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

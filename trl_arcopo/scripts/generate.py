@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from trl_arcopo import CausalWanPipeline
-from trl_arcopo.scripts.utils import fail, generator_parser, load_generator, load_lora, one_line, read_prompt_file
+from trl_arcopo.scripts.utils import fail, generator_parser, load_generator, load_lora, read_prompt_file
 from trl_arcopo.utils.videos import save_video
 
 # (num_frames, height, width) of each preset's generator.
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 prompt, num_frames=num_frames, height=height, width=width, generator=generator, output_type="pt"
             ).frames[0]
         except ValueError as error:  # sizes the pipeline rejects
-            fail(one_line(error))
+            fail(error)
         path = save_video(frames, args.output_dir / f"video_{index:03d}", fps=args.fps)
         print(f"{path}: {len(frames)} frames of {width}x{height}, seed {args.seed + index}, {prompt!r}")
         paths.append(path)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             save_merged_lora(pipe, weights, args.output_dir, adapter_sources=sources, repo_id=args.push_to_hub)
     except ValueError as error:  # e.g. all scales 0, DoRA adapters
-        fail(str(error))
+        fail(error)
     combination = " + ".join(f"{scale:g}·{name}" for name, scale in weights.items())
     what = f"fused {args.fused_component}" if args.fuse else "merged LoRA"
     print(f"{args.output_dir}: {what} W0 + {combination}")

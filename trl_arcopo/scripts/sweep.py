@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
     try:
         in_domain, out_of_domain = resolve_rewards(args.in_domain), resolve_rewards(args.out_of_domain)
     except ValueError as error:
-        fail(str(error))
+        fail(error)
     pipe = load_generator(args, device=args.device)
     load_adapters(pipe, sources)
     default_size = SIZES["self-forcing" if args.model else args.preset]
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
             seed=args.seed,
         )
     except ValueError as error:  # bad scales or sizes
-        fail(str(error))
+        fail(error)
     (args.output_dir / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2))
     print(f"{args.output_dir}: sweep.png, sweep.json")
     return result

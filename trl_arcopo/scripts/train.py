@@ -28,7 +28,6 @@ from trl_arcopo.scripts.utils import (
     fail,
     load_generator,
     load_prompt_dataset,
-    one_line,
     parse_with_preset,
     read_prompt_file,
 )
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> ARCoPOTrainer:
     try:
         trainer = ARCoPOTrainer(model, script_args.reward_funcs, args=config, train_dataset=prompts)
     except (OSError, ValueError) as error:  # a reward or buffer that cannot be loaded, settings they reject
-        fail(one_line(error))
+        fail(error)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()
     if trainer.accelerator.is_main_process:

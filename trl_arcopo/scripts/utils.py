@@ -27,14 +27,10 @@ from trl_arcopo.testing import tiny_causal_wan_pipeline
 GENERATOR_PRESETS = ("tiny", "self-forcing")
 
 
-def one_line(error: BaseException | str) -> str:
-    """The message of `error` with its whitespace (newlines included) collapsed to single spaces."""
-    return " ".join(str(error).split())
-
-
-def fail(message: str) -> NoReturn:
-    """Print `error: <message>` as one line on stderr and exit with code 2 (argparse's convention), no traceback."""
-    print(f"error: {one_line(message)}", file=sys.stderr)
+def fail(message: BaseException | str) -> NoReturn:
+    """Print `error: <message>` on stderr, its whitespace (newlines included) collapsed to single spaces, and exit
+    with code 2 (argparse's convention), no traceback."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -119,10 +115,10 @@ def load_generator(
             )
     except (OSError, ValueError) as error:  # not found (offline, wrong id), or not a pipeline of this kind
         if args.model:
-            fail(f"cannot load --model {args.model}: {one_line(error)}")
+            fail(f"cannot load --model {args.model}: {error}")
         fail(
             f"cannot load the {args.preset} generator ({args.self_forcing_checkpoint} + {args.base_model}): "
-            f"{one_line(error)} Check the ids, the network and HF_HUB_OFFLINE, or pass --model"
+            f"{error} Check the ids, the network and HF_HUB_OFFLINE, or pass --model"
         )
     return pipe.to(device)
 
@@ -229,7 +225,7 @@ def load_prompt_dataset(
     try:
         dataset = load_dataset(name, config, split=split)
     except (OSError, ValueError) as error:
-        fail(f"cannot load --dataset_name {name} (split {split}): {one_line(error)}")
+        fail(f"cannot load --dataset_name {name} (split {split}): {error}")
     if column not in dataset.column_names:
         fail(f"--dataset_name {name} has no column {column!r} ({dataset.column_names}); set {column_flag}")
     return dataset if column == "prompt" else dataset.rename_column(column, "prompt")
@@ -247,7 +243,7 @@ def requested_preset(argv: Sequence[str], default: str = "tiny") -> str:
         try:
             config = yaml.safe_load(Path(known.config).read_text())
         except (OSError, yaml.YAMLError) as error:
-            fail(f"--config {known.config} is not a readable YAML file: {one_line(error)}")
+            fail(f"--config {known.config} is not a readable YAML file: {error}")
         if isinstance(config, dict) and "preset" in config:
             return config["preset"]
     return default
@@ -272,7 +268,7 @@ def parse_with_preset(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
     except ValueError as error:  # values the dataclasses reject
-        fail(one_line(error))
+        fail(error)
     if unknown_keys:
         names = ", ".join(key.removeprefix("--") for key in unknown_keys[::2])
         fail(f"unknown key(s) in the --config file: {names} (`--help` lists the valid ones)")
