@@ -18,7 +18,15 @@ from pathlib import Path
 import torch
 
 from trl_arcopo import CausalWanPipeline
-from trl_arcopo.scripts.utils import fail, generator_parser, load_generator, load_lora, read_prompt_file
+from trl_arcopo.scripts.utils import (
+    add_video_size_arguments,
+    fail,
+    generator_parser,
+    load_generator,
+    load_lora,
+    read_prompt_file,
+    video_size,
+)
 from trl_arcopo.utils.videos import save_video
 
 # (num_frames, height, width) of each preset's generator.
@@ -62,9 +70,7 @@ def make_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--prompt", action="append", default=[], help=f"repeatable; default {DEFAULT_PROMPT!r}")
     sampling.add_argument("--prompt_file", type=Path, help="a text file with one prompt per line")
     sampling.add_argument("--num_videos_per_prompt", type=int, default=1)
-    sampling.add_argument("--num_frames", type=int, help="pixel frames, 9 + 12·(chunks - 1) (preset default)")
-    sampling.add_argument("--height", type=int, help="pixels, a multiple of 16 (preset default)")
-    sampling.add_argument("--width", type=int, help="pixels, a multiple of 16 (preset default)")
+    add_video_size_arguments(sampling)
     sampling.add_argument("--seed", type=int, default=0)
     sampling.add_argument("--fps", type=int, default=16)
     sampling.add_argument("--output_dir", type=Path, default=Path("outputs/videos"))
@@ -101,11 +107,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         fail(f"--num_videos_per_prompt must be >= 1, got {args.num_videos_per_prompt}")
     pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
-    default_size = SIZES["self-forcing" if args.model else args.preset]
-    num_frames, height, width = (
-        given or default
-        for given, default in zip((args.num_frames, args.height, args.width), default_size, strict=True)
-    )
+    num_frames, height, width = video_size(args, SIZES)
     paths = []
     for index, prompt in enumerate(p for p in prompts for _ in range(args.num_videos_per_prompt)):
         generator = torch.Generator().manual_seed(args.seed + index)

@@ -24,6 +24,7 @@ from trl_arcopo.evaluation import resolve_rewards
 from trl_arcopo.scripts.utils import (
     adapter_sources,
     add_adapter_argument,
+    add_video_size_arguments,
     fail,
     generator_parser,
     load_adapters,
@@ -31,6 +32,7 @@ from trl_arcopo.scripts.utils import (
     load_prompt_dataset,
     read_prompt_file,
     scale_spec,
+    video_size,
 )
 from trl_arcopo.sweep import DEFAULT_SCALES, SweepResult, sweep_merge_scale
 
@@ -75,9 +77,7 @@ def make_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompt_column", default="prompt", help="column of --dataset_name (default prompt)")
     prompts.add_argument("--max_prompts", type=int, help="evaluate only the first N prompts")
     generation = parser.add_argument_group("generation")
-    generation.add_argument("--num_frames", type=int, help="pixel frames, 9 + 12·(chunks - 1) (preset default)")
-    generation.add_argument("--height", type=int, help="pixels, a multiple of 16 (preset default)")
-    generation.add_argument("--width", type=int, help="pixels, a multiple of 16 (preset default)")
+    add_video_size_arguments(generation)
     generation.add_argument("--batch_size", type=int, default=1, help="videos per pipeline call")
     generation.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i, for every model")
     parser.add_argument(
@@ -119,11 +119,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
         fail(error)
     pipe = load_generator(args, device=args.device)
     load_adapters(pipe, sources)
-    default_size = SIZES["self-forcing" if args.model else args.preset]
-    num_frames, height, width = (
-        given or default
-        for given, default in zip((args.num_frames, args.height, args.width), default_size, strict=True)
-    )
+    num_frames, height, width = video_size(args, SIZES)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     try:
         result = sweep_merge_scale(

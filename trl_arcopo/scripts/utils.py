@@ -123,6 +123,22 @@ def load_generator(
     return pipe.to(device)
 
 
+def add_video_size_arguments(group: argparse._ArgumentGroup) -> None:
+    """`--num_frames`, `--height` and `--width`, unset by default (read with `video_size`)."""
+    group.add_argument("--num_frames", type=int, help="pixel frames, 9 + 12·(chunks - 1) (preset default)")
+    group.add_argument("--height", type=int, help="pixels, a multiple of 16 (preset default)")
+    group.add_argument("--width", type=int, help="pixels, a multiple of 16 (preset default)")
+
+
+def video_size(args: argparse.Namespace, sizes: Mapping[str, tuple[int, int, int]]) -> tuple[int, int, int]:
+    """`(num_frames, height, width)`: the flags of `add_video_size_arguments` that were given, the others from
+    `sizes[args.preset]` (a `--model` is sized like the self-forcing preset)."""
+    default = sizes["self-forcing" if args.model else args.preset]
+    return tuple(
+        given or value for given, value in zip((args.num_frames, args.height, args.width), default, strict=True)
+    )
+
+
 def _looks_local(source: str) -> bool:
     """A path rather than a Hub id `org/name` (which has exactly one `/` and no leading `.`, `/` or `~`)."""
     return source.startswith((".", "/", "~")) or source.count("/") != 1 or source.endswith(".safetensors")
