@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
@@ -168,6 +169,16 @@ def test_export_leaves_out_zero_scales(adapter_dirs):
     torch.testing.assert_close(state[key], semi[f"transformer.{key}"] * 0.5 * (8 / 4), atol=0, rtol=0)
     with pytest.raises(ValueError, match="All scales in `weights` are 0"):
         merged_lora_state_dict(pipe, {"semi": 0.0, "on_policy": 0.0})
+
+
+def test_the_card_names_a_hub_base_model_but_no_local_folder(adapter_dirs, tmp_path):
+    pipe = loaded_pipeline(adapter_dirs)
+    pipe.generator_id = "org/causal-wan"  # as `CausalWanPipeline.from_self_forcing` records its checkpoint
+    card = ModelCard.load(save_merged_lora(pipe, WEIGHTS, tmp_path / "hub") / "README.md")
+    assert card.data.base_model == "org/causal-wan" and "generator `org/causal-wan`" in card.text
+    pipe.generator_id = str(tmp_path)
+    card = ModelCard.load(save_merged_lora(pipe, WEIGHTS, tmp_path / "local") / "README.md")
+    assert card.data.base_model is None and "generator `<base pipeline>`" in card.text
 
 
 def test_fuse_round_trip_and_fused_pipeline_save_load(adapter_dirs, tmp_path):

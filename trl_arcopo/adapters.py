@@ -26,6 +26,8 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+from .replay import pipeline_model_id
+
 __all__ = ["fuse_adapters", "merge_adapters", "merged_lora_state_dict", "push_folder_to_hub", "save_merged_lora"]
 
 _MODEL_CARD = """\
@@ -163,7 +165,8 @@ def merged_lora_state_dict(
 
 
 def _base_model_id(pipe: DiffusionPipeline) -> str | None:
-    base = getattr(pipe, "generator_id", None) or pipe.name_or_path or None
+    """The Hub id of the pipeline's generator for the model card (None when it was loaded from a local folder)."""
+    base = pipeline_model_id(pipe)
     return None if base is None or os.path.isdir(base) else base
 
 
