@@ -245,7 +245,9 @@ def test_interrupted_collection_resumes_without_losing_or_repeating_groups(tmp_p
     assert calls["n"] == 3  # only the 3 missing groups were rolled out
     assert list(merged["group_index"]) == [0, 1, 2, 3, 4]
     _assert_same_rows([merged[1]], [kept])
+    files = {path: path.stat().st_mtime_ns for path in output.iterdir()}
     assert list(collect.main(argv)["group_index"]) == [0, 1, 2, 3, 4] and calls["n"] == 3  # complete: nothing to do
+    assert {path: path.stat().st_mtime_ns for path in output.iterdir()} == files  # nor rewritten
 
     with pytest.raises(SystemExit):  # the same folder with another σ would mix incompatible groups
         collect.main([*argv, "--noise_sigma", "0.25", "--num_groups", "6"])

@@ -173,7 +173,8 @@ def collect_shards(
     # Owned by index, not by position among the missing groups: processes may list the shards at different times.
     mine = [i for i in range(num_groups) if i % num_processes == process_index and i not in done]
     shards = output_dir / SHARDS_DIR
-    shards.mkdir(parents=True, exist_ok=True)
+    if mine:
+        shards.mkdir(parents=True, exist_ok=True)
     for index in tqdm(mine, desc=f"Collecting groups (process {process_index})", disable=not progress_bar):
         buffer = collect_replay_buffer(
             pipeline,
@@ -195,8 +196,11 @@ def collect_shards(
 def merge_shards(output_dir: str | os.PathLike) -> Dataset:
     """Merge the merged buffer of ``output_dir`` (if any) and its shards into ``output_dir``, sorted by group index,
     then delete the shards. The new buffer is written completely before the old one is replaced; a crash during the
-    replacement can only cost re-collecting the groups of the old one, which a rerun reproduces identically."""
+    replacement can only cost re-collecting the groups of the old one, which a rerun reproduces identically. Without
+    shards, the merged buffer is returned as it is (not rewritten)."""
     output_dir = Path(output_dir)
+    if not _shard_dirs(output_dir) and (output_dir / "state.json").is_file():
+        return load_from_disk(str(output_dir))
     parts = _collected(output_dir)
     if not parts:
         raise ValueError(f"{output_dir} holds no collected group.")
