@@ -74,6 +74,10 @@ def _help_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shipped_configs() -> list[str]:
+    return sorted(path.stem for path in ACCELERATE_CONFIGS_DIR.glob("*.yaml"))
+
+
 def resolve_accelerate_config(name_or_path: str) -> Path:
     """An accelerate config file: a path, or the name of one of the shipped configs (`multi_gpu`, `fsdp2`, ...)."""
     path = Path(name_or_path)
@@ -82,8 +86,7 @@ def resolve_accelerate_config(name_or_path: str) -> Path:
     shipped = ACCELERATE_CONFIGS_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
-    names = sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml"))
-    raise ValueError(f"--accelerate_config {name_or_path!r} is neither a file nor one of {names}")
+    raise ValueError(f"--accelerate_config {name_or_path!r} is neither a file nor one of {_shipped_configs()}")
 
 
 def split_launch_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         module.main(rest)
     finally:
         if command.launchable and wants_help:
-            print(_LAUNCH_HELP.format(names=", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml")))))
+            print(_LAUNCH_HELP.format(names=", ".join(_shipped_configs())))
     return 0
 
 
