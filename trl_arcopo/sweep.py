@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline
 
 from .adapters import merge_adapters
 from .evaluation import EvaluationResult, RewardFunc, evaluate_pipeline, markdown_table, resolve_rewards
-from .rewards import reward_names
+from .rewards import is_column_of, reward_names
 
 __all__ = ["SweepPoint", "SweepResult", "select_merge_scale", "sweep_merge_scale"]
 
@@ -136,7 +136,7 @@ def _check_sweep(scales: Sequence[float], fixed: Mapping[str, float], swept: str
 
 def _columns_of(evaluation: EvaluationResult, names: list[str]) -> list[str]:
     """The reward columns of the rewards called ``names`` (``name`` or its heads ``name:head``)."""
-    return [c for c in evaluation.reward_columns if any(c == n or c.startswith(f"{n}:") for n in names)]
+    return [c for c in evaluation.reward_columns if any(is_column_of(c, n) for n in names)]
 
 
 def _metric(evaluation: EvaluationResult, columns: list[str]) -> float:

@@ -206,6 +206,12 @@ def reward_names(reward_funcs: Any) -> list[str]:
     return names
 
 
+def is_column_of(column: str, name: str) -> bool:
+    """Whether reward column ``column`` (``name`` or ``name:head``, as :func:`compute_rewards` names them) comes from
+    the reward named ``name``."""
+    return column == name or column.startswith(f"{name}:")
+
+
 def reward_column_weights(
     columns: Sequence[str], names: Sequence[str], weights: Sequence[float] | Mapping[str, float] | None
 ) -> list[float]:
@@ -223,7 +229,7 @@ def reward_column_weights(
     """
     owner = {}
     for column in columns:
-        matches = [n for n in names if column == n or column.startswith(f"{n}:")]
+        matches = [n for n in names if is_column_of(column, n)]
         owner[column] = max(matches, key=len) if matches else column
     if weights is None:
         return [1.0] * len(columns)
