@@ -48,6 +48,7 @@ from .rewards import (
     RewardFunctionError,
     RewardOutputError,
     compute_rewards,
+    is_column_of,
     reward_column_weights,
     reward_names,
 )
@@ -242,7 +243,8 @@ class ARCoPOTrainer(Trainer):
                 f"0 .. {num_steps - 1})."
             )
         chunk = pipeline.config.num_frame_per_block
-        latent_frames = (args.num_frames - 1) // pipeline.vae_scale_factor_temporal + 1
+        self.latent_shape = pipeline.latent_shape(args.num_frames, args.height, args.width)
+        latent_frames = self.latent_shape[1]
         if latent_frames % chunk:
             raise ValueError(
                 f"`num_frames`={args.num_frames} gives {latent_frames} latent frames, not a multiple of the "
@@ -257,7 +259,7 @@ class ARCoPOTrainer(Trainer):
             )
         if isinstance(args.reward_weights, dict):
             names = self.reward_func_names
-            unknown = [k for k in args.reward_weights if not any(k == n or k.startswith(f"{n}:") for n in names)]
+            unknown = [k for k in args.reward_weights if not any(is_column_of(k, n) for n in names)]
             if unknown:
                 raise ValueError(
                     f"`reward_weights` keys {unknown} name no reward of {names}: use reward names or columns "
@@ -275,12 +277,6 @@ class ARCoPOTrainer(Trainer):
         if train_dataset is not None and hasattr(train_dataset, "column_names") and train_dataset.column_names:
             if "prompt" not in train_dataset.column_names:
                 raise ValueError(f"`train_dataset` needs a 'prompt' column; it has {train_dataset.column_names}.")
-        self.latent_shape = (
-            pipeline.transformer.config.in_channels,
-            latent_frames,
-            args.height // pipeline.vae_scale_factor_spatial,
-            args.width // pipeline.vae_scale_factor_spatial,
-        )
         self.num_chunks = num_chunks
         self.train_steps = list(args.train_steps) if args.train_steps is not None else list(range(num_steps))
 

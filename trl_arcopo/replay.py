@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from .pipelines.causal_wan import CausalWanPipeline
 from .pipelines.sampler import few_step_schedule, renoise
-from .rewards import compute_rewards
+from .rewards import compute_rewards, is_column_of
 from .rollout import RolloutGroup, generate_group, sample_pivot
 
 __all__ = [
@@ -132,12 +132,7 @@ def generation_settings(
     if storage_dtype not in _STORAGE_DTYPES.values():
         raise ValueError(f"`storage_dtype` must be torch.float32 or torch.bfloat16, got {storage_dtype}.")
     config = pipeline.config
-    latent_shape = [
-        pipeline.transformer.config.in_channels,
-        (num_frames - 1) // pipeline.vae_scale_factor_temporal + 1,
-        height // pipeline.vae_scale_factor_spatial,
-        width // pipeline.vae_scale_factor_spatial,
-    ]
+    latent_shape = list(pipeline.latent_shape(num_frames, height, width))
     return {
         "format_version": _FORMAT_VERSION,
         "model_id": model_id if model_id is not None else pipeline_model_id(pipeline),
@@ -342,7 +337,7 @@ def select_reward_columns(columns: Sequence[str], names: Sequence[str]) -> list[
     """
     selected = []
     for name in names:
-        matches = [c for c in columns if c == name or c.startswith(f"{name}:")]
+        matches = [c for c in columns if is_column_of(c, name)]
         if not matches:
             raise ValueError(
                 f"The replay buffer has no rewards for {name!r}; its reward columns are {sorted(columns)}. Pass the "

@@ -256,6 +256,15 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         elif sink:
             raise ValueError(f"`sink_size`={sink} needs a window: set `local_attn_size` (e.g. 12) or sink_size=0.")
 
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """``(C, F, H, W)`` of the latent video for ``num_frames`` pixel frames of ``height × width``."""
+        return (
+            self.transformer.config.in_channels,
+            (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+            height // self.vae_scale_factor_spatial,
+            width // self.vae_scale_factor_spatial,
+        )
+
     def check_inputs(
         self,
         prompt: str | list[str] | None,
@@ -570,13 +579,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             prompt_embeds = self.encode_prompt(prompt, device=device)
         prompt_embeds = prompt_embeds.to(device)
         if latents is None:
-            shape = (
-                prompt_embeds.shape[0],
-                self.transformer.config.in_channels,
-                (num_frames - 1) // self.vae_scale_factor_temporal + 1,
-                height // self.vae_scale_factor_spatial,
-                width // self.vae_scale_factor_spatial,
-            )
+            shape = (prompt_embeds.shape[0], *self.latent_shape(num_frames, height, width))
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32)
         step_noise = dict(step_noise or {})
