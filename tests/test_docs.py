@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from trl_arcopo.rewards import registry
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 MARKER = "<!-- runnable -->"
@@ -55,6 +57,9 @@ def test_the_main_documents_have_runnable_examples():
 @pytest.mark.parametrize("path", RUNNABLE)
 def test_runnable_blocks_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    # Blocks may register rewards: the registry is process-wide, so later tests must not see them.
+    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))
+    monkeypatch.setattr(registry, "_REPO_IDS", dict(registry._REPO_IDS))
     namespace = {"__name__": "__docs__"}
     for line, code in runnable_blocks(path):
         exec(compile(code, f"{_name(path)}:{line}", "exec"), namespace)
