@@ -26,7 +26,7 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from .replay import pipeline_model_id
+from .pipelines.causal_wan import pipeline_hub_id
 
 __all__ = ["fuse_adapters", "merge_adapters", "merged_lora_state_dict", "push_folder_to_hub", "save_merged_lora"]
 
@@ -164,12 +164,6 @@ def merged_lora_state_dict(
     return state_dict, config.to_dict()
 
 
-def _base_model_id(pipe: DiffusionPipeline) -> str | None:
-    """The Hub id of the pipeline's generator for the model card (None when it was loaded from a local folder)."""
-    base = pipeline_model_id(pipe)
-    return None if base is None or os.path.isdir(base) else base
-
-
 def save_merged_lora(
     pipe: DiffusionPipeline,
     weights: Mapping[str, float],
@@ -199,7 +193,7 @@ def save_merged_lora(
     type(pipe).save_lora_weights(
         save_directory, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=config
     )
-    base_model = _base_model_id(pipe)
+    base_model = pipeline_hub_id(pipe)
     sources = dict(adapter_sources or {})
     adapter_ranks = {
         name: sorted({layer.r[name] for _, layer in _lora_layers(pipe) if name in layer.r}) for name in weights

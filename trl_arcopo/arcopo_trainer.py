@@ -33,13 +33,12 @@ from trl.trainer.utils import RepeatSampler
 from . import copo
 from .arcopo_config import ARCoPOConfig
 from .evaluation import evaluate_pipeline, resolve_rewards
-from .pipelines.causal_wan import CausalWanPipeline
+from .pipelines.causal_wan import CausalWanPipeline, pipeline_hub_id
 from .replay import (
     buffer_settings,
     check_buffer_settings,
     generation_settings,
     load_replay_buffer,
-    pipeline_model_id,
     record_rewards,
     record_to_group,
     select_reward_columns,
@@ -836,9 +835,7 @@ class ARCoPOTrainer(Trainer):
         if not self.is_world_process_zero():
             return
         output_dir = output_dir or self.args.output_dir
-        base_model = pipeline_model_id(self.pipeline)
-        if base_model and os.path.isdir(base_model):
-            base_model = None
+        base_model = pipeline_hub_id(self.pipeline)
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         card_data = ModelCardData(
             base_model=base_model,

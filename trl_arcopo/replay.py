@@ -43,7 +43,7 @@ from datasets import Array5D, Dataset, Features, IterableDataset, List, Value, l
 from huggingface_hub import snapshot_download
 from tqdm.auto import tqdm
 
-from .pipelines.causal_wan import CausalWanPipeline
+from .pipelines.causal_wan import CausalWanPipeline, pipeline_model_id
 from .pipelines.sampler import few_step_schedule, renoise
 from .rewards import compute_rewards, is_column_of
 from .rollout import RolloutGroup, generate_group, sample_pivot
@@ -57,7 +57,6 @@ __all__ = [
     "generation_settings",
     "group_to_record",
     "load_replay_buffer",
-    "pipeline_model_id",
     "record_rewards",
     "record_to_group",
     "replay_features",
@@ -99,11 +98,6 @@ MATCHED_SETTINGS = (
 _OPTIONAL_SETTINGS = ("model_id", "revision")
 _STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _FORMAT_VERSION = 1
-
-
-def pipeline_model_id(pipeline: CausalWanPipeline) -> str | None:
-    """The Hub id or path the pipeline's generator was loaded from (None for a pipeline built in memory)."""
-    return getattr(pipeline, "generator_id", None) or pipeline.name_or_path or None
 
 
 def generation_settings(

@@ -26,7 +26,14 @@ from ..models.kv_cache import (
 from ..models.self_forcing import SELF_FORCING_FILENAME, SELF_FORCING_REPO_ID, load_self_forcing_transformer
 from .sampler import few_step_schedule, predict_x0, renoise
 
-__all__ = ["CausalGenerationState", "CausalWanPipeline", "CausalWanPipelineOutput", "ChunkTrajectory"]
+__all__ = [
+    "CausalGenerationState",
+    "CausalWanPipeline",
+    "CausalWanPipelineOutput",
+    "ChunkTrajectory",
+    "pipeline_hub_id",
+    "pipeline_model_id",
+]
 
 WAN_BASE_REPO_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 
@@ -102,6 +109,17 @@ class CausalWanPipelineOutput(BaseOutput):
 
 def _collapse_whitespace(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
+
+
+def pipeline_model_id(pipeline: DiffusionPipeline) -> str | None:
+    """The Hub id or path the pipeline's generator was loaded from (None for a pipeline built in memory)."""
+    return getattr(pipeline, "generator_id", None) or pipeline.name_or_path or None
+
+
+def pipeline_hub_id(pipeline: DiffusionPipeline) -> str | None:
+    """:func:`pipeline_model_id` when it is a Hub id (None for a local folder): the base model a model card names."""
+    source = pipeline_model_id(pipeline)
+    return None if source is None or os.path.isdir(source) else source
 
 
 class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
