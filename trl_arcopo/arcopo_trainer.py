@@ -551,12 +551,8 @@ class ARCoPOTrainer(Trainer):
 
     @torch.no_grad()
     def _reference_predictions(self, rows, x_t, step_of_row, num_steps: int, num_anchors: int) -> torch.Tensor:
-        transformer = self.pipeline.transformer
-        transformer.disable_adapters()
-        try:
+        with self.pipeline.adapters_disabled():
             return self.pipeline.predict_x0(rows, x_t, step_of_row).unflatten(0, (num_steps, num_anchors))
-        finally:
-            transformer.enable_adapters()
 
     def _sde_loss(self, model, group: RolloutGroup, advantages: torch.Tensor, context) -> torch.Tensor:
         """SDE-GRPO: Gaussian log-likelihood of each branch's recorded re-noise transitions of the pivot chunk."""

@@ -29,11 +29,10 @@ the dataset description, and a per-row copy lets buffers merged from several col
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -349,20 +348,6 @@ def record_rewards(record: Mapping[str, Any], names: Sequence[str] | None = None
     return {name: torch.tensor(np.asarray(rewards[name]), dtype=torch.float64) for name in columns}
 
 
-@contextlib.contextmanager
-def _reference_policy(pipeline: CausalWanPipeline) -> Iterator[None]:
-    """The pipeline's base transformer: its LoRA adapters, if any, are disabled inside the block."""
-    transformer = pipeline.transformer
-    if not getattr(transformer, "_hf_peft_config_loaded", False):
-        yield
-        return
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()
-
-
 @torch.no_grad()
 def collect_replay_buffer(
     pipeline: CausalWanPipeline,
@@ -435,7 +420,7 @@ def collect_replay_buffer(
         )
     records, columns = [], None
     indices = range(first_group_index, first_group_index + num_groups)
-    with _reference_policy(pipeline):
+    with pipeline.adapters_disabled():
         for index in tqdm(indices, desc="Collecting rollout groups", disable=not progress_bar):
             prompt = prompts[index % len(prompts)]
             generator = torch.Generator().manual_seed(seed + index)

@@ -274,6 +274,19 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         elif sink:
             raise ValueError(f"`sink_size`={sink} needs a window: set `local_attn_size` (e.g. 12) or sink_size=0.")
 
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """The base generator inside the block: the transformer's LoRA adapters, if any, are disabled."""
+        transformer = self.transformer
+        if not getattr(transformer, "_hf_peft_config_loaded", False):
+            yield
+            return
+        transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            transformer.enable_adapters()
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """``(C, F, H, W)`` of the latent video for ``num_frames`` pixel frames of ``height × width``."""
         return (
