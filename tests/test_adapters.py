@@ -273,6 +273,9 @@ def test_merge_script_exports_and_fuses_on_the_tiny_preset(adapter_dirs, tmp_pat
         "--model", tmp_path / "base", *adapters, "--scale=on_policy=0.8", "--fuse", "--output_dir", tmp_path / "fused"
     )
     torch.testing.assert_close(run(CausalWanPipeline.from_pretrained(out)), merged, atol=1e-5, rtol=0)
+    card = (out / "README.md").read_text()
+    assert "fused into its weights, `W = W0 + 1·ΔW_semi + 0.8·ΔW_on_policy`" in card and "fused-lora" in card
+    assert str(adapter_dirs["on_policy"]) in card and "load_lora_weights" not in card
 
 
 def test_merge_script_pushes_the_output_folder(adapter_dirs, tmp_path, monkeypatch, capsys):

@@ -28,7 +28,14 @@ from peft.tuners.lora import LoraLayer
 
 from .pipelines.causal_wan import pipeline_hub_id
 
-__all__ = ["fuse_adapters", "merge_adapters", "merged_lora_state_dict", "push_folder_to_hub", "save_merged_lora"]
+__all__ = [
+    "fuse_adapters",
+    "merge_adapters",
+    "merged_lora_state_dict",
+    "push_folder_to_hub",
+    "save_fused",
+    "save_merged_lora",
+]
 
 _MODEL_CARD = """\
 ---
@@ -37,13 +44,15 @@ _MODEL_CARD = """\
 
 # {{ repo_id }}
 
-One LoRA for the causal video generator `{{ base_model_id }}` that is exactly the weighted combination of
+{% if fused %}The {{ fused }} of the causal video generator `{{ base_model_id }}` with {{ num_adapters }} AR-CoPO adapters
+fused into its weights, `W = W0 + {{ formula }}`:
+{% else %}One LoRA for the causal video generator `{{ base_model_id }}` that is exactly the weighted combination of
 {{ num_adapters }} AR-CoPO adapters, `W = W0 + {{ formula }}`:
-
+{% endif %}
 | adapter | scale | rank | source |
 |---|---|---|---|
 {{ adapter_rows }}
-
+{% if not fused %}
 The adapters' `A` matrices are stacked and their scaled `B` matrices concatenated, so the file is a rank
 {{ rank }} LoRA (scaling 1) whose update is `Σ_k s_k·ΔW_k` to float precision, not an approximation.
 
@@ -57,7 +66,7 @@ pipe = CausalWanPipeline.from_self_forcing(dtype=torch.bfloat16).to("cuda")
 pipe.load_lora_weights("{{ repo_id }}")
 video = pipe("A corgi surfing a wave at sunset", num_frames=81).frames[0]
 ```
-"""
+{% endif %}"""
 
 
 def _lora_layers(pipe: DiffusionPipeline) -> Iterator[tuple[str, LoraLayer]]:
@@ -193,6 +202,23 @@ def save_merged_lora(
     type(pipe).save_lora_weights(
         save_directory, transformer_lora_layers=state_dict, transformer_lora_adapter_metadata=config
     )
+    rank = f"{config['r']} (per-layer ranks in the adapter metadata)" if config["rank_pattern"] else config["r"]
+    _write_model_card(pipe, weights, save_directory, adapter_sources, repo_id, rank=rank)
+    return save_directory
+
+
+def _write_model_card(
+    pipe: DiffusionPipeline,
+    weights: Mapping[str, float],
+    save_directory: Path,
+    adapter_sources: Mapping[str, str] | None,
+    repo_id: str | None,
+    *,
+    rank: str | int | None = None,
+    fused: str | None = None,
+) -> None:
+    """``save_directory/README.md`` for an exported combination (``rank`` of the LoRA) or a fused ``fused``
+    component; call it while the adapters are still loaded (their ranks go into the card)."""
     base_model = pipeline_hub_id(pipe)
     sources = dict(adapter_sources or {})
     adapter_ranks = {
@@ -206,7 +232,7 @@ def save_merged_lora(
         base_model=base_model,
         library_name="diffusers",
         pipeline_tag="text-to-video",
-        tags=["arcopo", "diffusers", "lora", "merged-lora", "text-to-video", "trl"],
+        tags=["arcopo", "diffusers", "text-to-video", "trl", *(["fused-lora"] if fused else ["lora", "merged-lora"])],
         merged_adapters={name: float(scale) for name, scale in weights.items()},
     )
     card = ModelCard.from_template(
@@ -217,9 +243,34 @@ def save_merged_lora(
         num_adapters=len(weights),
         formula=" + ".join(f"{scale:g}·ΔW_{name}" for name, scale in weights.items()),
         adapter_rows=rows,
-        rank=f"{config['r']} (per-layer ranks in the adapter metadata)" if config["rank_pattern"] else config["r"],
+        rank=rank,
+        fused=fused,
     )
     card.save(save_directory / "README.md")
+
+
+def save_fused(
+    pipe: DiffusionPipeline,
+    weights: Mapping[str, float],
+    save_directory: str | os.PathLike,
+    *,
+    component: str = "pipeline",
+    adapter_sources: Mapping[str, str] | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Fuse the combination into the weights (:func:`fuse_adapters`) and save the ``"pipeline"`` or only its
+    ``"transformer"`` with ``save_pretrained``, plus a ``README.md`` model card naming the adapters and scales.
+
+    Returns:
+        ``save_directory`` as a ``Path``.
+    """
+    if component not in ("pipeline", "transformer"):
+        raise ValueError(f"`component` must be 'pipeline' or 'transformer', got {component!r}.")
+    save_directory = Path(save_directory)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    _write_model_card(pipe, weights, save_directory, adapter_sources, repo_id, fused=component)
+    fuse_adapters(pipe, weights)
+    (pipe if component == "pipeline" else pipe.transformer).save_pretrained(save_directory)
     return save_directory
 
 

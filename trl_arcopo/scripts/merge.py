@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trl_arcopo.adapters import fuse_adapters, push_folder_to_hub, save_merged_lora
+from trl_arcopo.adapters import push_folder_to_hub, save_fused, save_merged_lora
 from trl_arcopo.scripts.utils import (
     adapter_sources,
     add_adapter_argument,
@@ -64,9 +64,14 @@ def main(argv: list[str] | None = None) -> Path:
     load_adapters(pipe, sources)
     try:
         if args.fuse:
-            fuse_adapters(pipe, weights)
-            target = pipe if args.fused_component == "pipeline" else pipe.transformer
-            target.save_pretrained(args.output_dir)
+            save_fused(
+                pipe,
+                weights,
+                args.output_dir,
+                component=args.fused_component,
+                adapter_sources=sources,
+                repo_id=args.push_to_hub,
+            )
         else:
             save_merged_lora(pipe, weights, args.output_dir, adapter_sources=sources, repo_id=args.push_to_hub)
     except ValueError as error:  # e.g. all scales 0, DoRA adapters
