@@ -12,8 +12,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
-    """`shared/fixtures`, which sits beside the repository checkout (`../shared` relative to the repo root)."""
-    return Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+    """`tests/fixtures`: reference outputs of the original implementations (each folder has a README)."""
+    return Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""VideoAlign port against the parity fixture produced by the original code (shared/fixtures/videoalign_tiny)."""
+"""VideoAlign port against the parity fixture produced by the original code (tests/fixtures/videoalign_tiny)."""
 
 import hashlib
 import json
