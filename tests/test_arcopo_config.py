@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -61,6 +62,8 @@ PAPER_DEFAULTS = {
     "multi_objective_aggregation": "sum_then_normalize",
     "reward_error": "raise",
     "overlap_rewards": True,
+    "max_consecutive_skipped_groups": 10,
+    "max_skipped_group_fraction": 0.25,
     "max_consecutive_nonfinite_losses": 3,
     # logging
     "log_videos_steps": 0,
@@ -192,6 +195,22 @@ INVALID = [
     ({"model_init_kwargs": "not json"}, "model_init_kwargs"),
     ({"model_init_kwargs": "[1, 2]"}, "model_init_kwargs"),
     ({"model_init_kwargs": 3}, "model_init_kwargs"),
+    ({"model_init_kwargs": {"dtype": "float33"}}, "model_init_kwargs['dtype']"),
+    ({"model_init_kwargs": '{"torch_dtype": "int"}'}, "model_init_kwargs['torch_dtype']"),
+    # TrainingArguments fields that transformers accepts unchecked
+    ({"learning_rate": -1e-3}, "learning_rate"),
+    ({"learning_rate": math.nan}, "learning_rate"),
+    ({"learning_rate": math.inf}, "learning_rate"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**32}, "seed"),
+    ({"data_seed": -3}, "data_seed"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"max_grad_norm": math.nan}, "max_grad_norm"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm"),
+    ({"adam_beta1": 1.5}, "adam_beta1"),
+    ({"adam_beta2": -0.1}, "adam_beta2"),
+    ({"adam_epsilon": 0.0}, "adam_epsilon"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
     ({"lora_r": 0}, "lora_r"),
     ({"lora_alpha": 0}, "lora_alpha"),
     ({"lora_dropout": 1.0}, "lora_dropout"),
@@ -250,6 +269,10 @@ INVALID = [
     ({"multi_objective_aggregation": "mean"}, "multi_objective_aggregation"),
     ({"reward_error": "ignore"}, "reward_error"),
     ({"max_consecutive_nonfinite_losses": 0}, "max_consecutive_nonfinite_losses"),
+    ({"max_consecutive_skipped_groups": 0}, "max_consecutive_skipped_groups"),
+    ({"max_skipped_group_fraction": 0.0}, "max_skipped_group_fraction"),
+    ({"max_skipped_group_fraction": 1.5}, "max_skipped_group_fraction"),
+    ({"max_skipped_group_fraction": math.nan}, "max_skipped_group_fraction"),
     ({"log_videos_steps": -1}, "log_videos_steps"),
     ({"num_videos_to_log": 0}, "num_videos_to_log"),
     ({"video_fps": 0}, "video_fps"),
@@ -260,7 +283,7 @@ INVALID = [
 def test_invalid_values_raise(tmp_path, overrides, name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # `gradient_checkpointing` is a deprecated alias
-        with pytest.raises(ValueError, match=f"`{name}`"):
+        with pytest.raises(ValueError, match=re.escape(f"`{name}`")):
             make_config(tmp_path, **overrides)
 
 
@@ -292,6 +315,26 @@ def test_error_messages_name_value_and_fix(tmp_path):
     with pytest.raises(ValueError) as info:
         make_config(tmp_path, num_frames=80)
     assert "77 or 81" in str(info.value)
+
+    with pytest.raises(ValueError) as info:
+        make_config(tmp_path, model_init_kwargs={"dtype": "bf16"})
+    assert '(\'bf16\') is not a dtype; use one of "auto", "bfloat16", "float16", "float32"' in str(info.value)
+
+    with pytest.raises(ValueError) as info:
+        make_config(tmp_path, learning_rate=-1e-3)
+    assert "`learning_rate` (-0.001) must be a finite number >= 0" in str(info.value)
+
+    with pytest.raises(ValueError) as info:
+        make_config(tmp_path, seed=-1)
+    assert "`seed` (-1) must be an integer in [0, 2**32 - 1]" in str(info.value)
+
+
+def test_model_init_kwargs_dtypes_and_other_strings_pass(tmp_path):
+    config = make_config(tmp_path, model_init_kwargs={"dtype": torch.bfloat16, "revision": "main"})
+    assert config.model_init_kwargs == {"dtype": torch.bfloat16, "revision": "main"}
+    assert make_config(tmp_path, model_init_kwargs={"torch_dtype": "auto"}).model_init_kwargs == {
+        "torch_dtype": "auto"
+    }
 
 
 def test_semi_on_policy_mode_names_its_adapter_semi(tmp_path):

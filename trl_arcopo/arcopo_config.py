@@ -15,6 +15,7 @@ _TEMPERATURE_MODES = ("relative", "absolute")
 _ADVANTAGE_NORMALIZATIONS = ("zscore", "quasi_norm", "none")
 _MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 _REWARD_ERRORS = ("raise", "skip_group")
+_DTYPES = ("auto", "bfloat16", "float16", "float32")  # `model_init_kwargs["dtype"]` as a string
 
 # The Wan VAE compresses time by 4 (a latent frame holds 4 pixel frames, the first one alone) and space by 8; the
 # transformer's 2x2 patches make the latent side a multiple of 2, hence pixel sides that are multiples of 16.
@@ -63,7 +64,8 @@ class ARCoPOConfig(TrainingArguments):
 
         model_init_kwargs (`dict[str, Any]` or `str`, *optional*):
             Keyword arguments for `CausalWanPipeline.from_pretrained`, used when the `model` argument of the trainer
-            is a model id or a local path, e.g. `{"dtype": "bfloat16"}`. On the command line, pass a JSON string.
+            is a model id or a local path, e.g. `{"dtype": "bfloat16"}` (`dtype` is `"auto"`, `"bfloat16"`,
+            `"float16"`, `"float32"` or a `torch.dtype`). On the command line, pass a JSON string.
         lora_r (`int`, *optional*, defaults to `64`):
             Rank of the LoRA adapter trained on the transformer.
         lora_alpha (`int`, *optional*, defaults to `128`):
@@ -190,8 +192,19 @@ class ARCoPOConfig(TrainingArguments):
         reward_error (`str`, *optional*, defaults to `"raise"`):
             What to do when a reward function raises, or returns NaN, non-finite values or the wrong number of values:
 
-            - `"raise"`: stop training with the error;
-            - `"skip_group"`: skip the affected rollout group (logged) and continue.
+            - `"raise"`: stop training with the error (after saving a checkpoint);
+            - `"skip_group"`: skip the affected rollout group (logged in `rewards/failed_groups`; it adds nothing to
+              the loss, and an optimizer step whose groups were all skipped leaves the LoRA and the optimizer state
+              unchanged) and continue, up to the ceilings `max_consecutive_skipped_groups` and
+              `max_skipped_group_fraction`.
+
+        max_consecutive_skipped_groups (`int`, *optional*, defaults to `10`):
+            With `reward_error="skip_group"`: after this many skipped groups in a row (counted over all processes),
+            the trainer saves a checkpoint and stops with an error (a reward that is down fails every group).
+        max_skipped_group_fraction (`float`, *optional*, defaults to `0.25`):
+            With `reward_error="skip_group"`: when more than this fraction of all groups scored so far were skipped,
+            the trainer saves a checkpoint and stops with an error. Checked from the `max_consecutive_skipped_groups`-th
+            group on, so that a few failures at the start do not stop a run. In `(0, 1]`; `1` disables it.
 
         overlap_rewards (`bool`, *optional*, defaults to `True`):
             Whether to score each rollout group in a background thread while the next group of the step is rolled out
@@ -473,6 +486,21 @@ class ARCoPOConfig(TrainingArguments):
             "(holds the videos of two groups in memory instead of one)."
         },
     )
+    max_consecutive_skipped_groups: int = field(
+        default=10,
+        metadata={
+            "help": "With reward_error='skip_group': after this many skipped groups in a row (over all processes), "
+            "save a checkpoint and stop with an error (>= 1)."
+        },
+    )
+    max_skipped_group_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "With reward_error='skip_group': when more than this fraction of the groups scored so far were "
+            "skipped (checked from the `max_consecutive_skipped_groups`-th group on), save a checkpoint and stop "
+            "with an error. In (0, 1]; 1 disables it."
+        },
+    )
     max_consecutive_nonfinite_losses: int = field(
         default=3,
         metadata={
@@ -530,6 +558,15 @@ class ARCoPOConfig(TrainingArguments):
                 f"`model_init_kwargs` ({self.model_init_kwargs!r}) must be a dict (or a JSON object string); pass "
                 'for example {"dtype": "bfloat16"}.'
             )
+        import torch
+
+        for key in ("dtype", "torch_dtype"):
+            dtype = (self.model_init_kwargs or {}).get(key)
+            if dtype is not None and not isinstance(dtype, torch.dtype) and dtype not in _DTYPES:
+                raise ValueError(
+                    f"`model_init_kwargs['{key}']` ({dtype!r}) is not a dtype; use one of {_format_choices(_DTYPES)} "
+                    "or a torch.dtype."
+                )
 
         # `advantage_clip` is typed `float | str | None` only so that `--advantage_clip none` works on the command line.
         if isinstance(self.advantage_clip, str):
@@ -565,6 +602,31 @@ class ARCoPOConfig(TrainingArguments):
                 "and lower `per_device_train_batch_size` or `rollout_batch_size` instead."
             )
         _check_int("per_device_train_batch_size", self.per_device_train_batch_size, minimum=1)
+        _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, minimum=1)
+        # TrainingArguments accepts these unchecked; torch or numpy would fail on them at the first step (or, for a
+        # NaN, train on NaN weights).
+        if not (_is_finite_number(self.learning_rate) and self.learning_rate >= 0):
+            raise ValueError(
+                f"`learning_rate` ({self.learning_rate!r}) must be a finite number >= 0; the paper uses 1e-5."
+            )
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value < 2**32):
+                raise ValueError(
+                    f"`{name}` ({value!r}) must be an integer in [0, 2**32 - 1] (numpy's range); use e.g. 42."
+                )
+        if not (_is_finite_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"`weight_decay` ({self.weight_decay!r}) must be a finite number >= 0; use e.g. 0.0.")
+        if not (_is_finite_number(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(
+                f"`max_grad_norm` ({self.max_grad_norm!r}) must be a finite number >= 0 (0 disables clipping); use "
+                "e.g. 1.0."
+            )
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not (_is_finite_number(value) and 0 <= value < 1):
+                raise ValueError(f"`{name}` ({value!r}) must be in [0, 1); the defaults are 0.9 and 0.999.")
+        _check_positive("adam_epsilon", self.adam_epsilon, hint="the default is 1e-8")
 
     def _validate_model_and_lora(self) -> None:
         _check_int("lora_r", self.lora_r, minimum=1)
@@ -734,6 +796,12 @@ class ARCoPOConfig(TrainingArguments):
             self.reward_weights = [float(w) for w in weights]
         _check_choice("multi_objective_aggregation", self.multi_objective_aggregation, _MULTI_OBJECTIVE_AGGREGATIONS)
         _check_choice("reward_error", self.reward_error, _REWARD_ERRORS)
+        _check_int("max_consecutive_skipped_groups", self.max_consecutive_skipped_groups, minimum=1)
+        if not (_is_finite_number(self.max_skipped_group_fraction) and 0 < self.max_skipped_group_fraction <= 1):
+            raise ValueError(
+                f"`max_skipped_group_fraction` ({self.max_skipped_group_fraction!r}) must be in (0, 1]; use e.g. "
+                "0.25, or 1 to stop only on `max_consecutive_skipped_groups`."
+            )
         _check_int("max_consecutive_nonfinite_losses", self.max_consecutive_nonfinite_losses, minimum=1)
         _check_int("log_videos_steps", self.log_videos_steps, minimum=0)
         _check_int("num_videos_to_log", self.num_videos_to_log, minimum=1)
