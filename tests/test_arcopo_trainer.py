@@ -3,6 +3,7 @@ semi-on-policy training on a replay buffer."""
 
 import json
 import math
+import os
 import re
 import threading
 from pathlib import Path
@@ -12,12 +13,14 @@ import torch
 import transformers
 from datasets import Dataset, load_from_disk
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 import trl_arcopo.arcopo_trainer
 from trl_arcopo import copo
 from trl_arcopo.arcopo_config import ARCoPOConfig
 from trl_arcopo.arcopo_trainer import ARCoPOTrainer, RewardFailure
+from trl_arcopo.checkpoints import publish
 from trl_arcopo.replay import collect_replay_buffer
 from trl_arcopo.rewards import brightness_reward
 from trl_arcopo.testing import TINY_TRAINING_ARGS, tiny_causal_wan_pipeline
@@ -130,7 +133,6 @@ def test_save_model_writes_a_diffusers_lora_and_card(tmp_path):
     files = {p.name for p in (tmp_path / "final").iterdir()}
     assert {
         "pytorch_lora_weights.safetensors",
-        "adapter_model.safetensors",
         "adapter_config.json",
         "training_args.json",
         "README.md",
@@ -261,6 +263,26 @@ def test_checkpoints_are_atomic(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "checkpoint-4" / "rank0_arcopo_state.json").read_text())["step"] == 4
 
 
+def test_publish_fsyncs_every_file_and_folder_before_the_rename(tmp_path, monkeypatch):
+    staged = tmp_path / ".staging" / "checkpoint-2"
+    (staged / "sub").mkdir(parents=True)
+    for name in ("a.safetensors", "trainer_state.json", "sub/b.json"):
+        (staged / name).write_text(name)
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd)
+    )
+    monkeypatch.setattr(os, "replace", lambda *paths: events.append(("replace", str(paths[1]))) or replace(*paths))
+    publish(str(staged), str(tmp_path / "checkpoint-2"))
+    rename = events.index(("replace", str(tmp_path / "checkpoint-2")))
+    synced_before = {path for kind, path in events[:rename] if kind == "fsync"}
+    assert {str(staged / name) for name in ("a.safetensors", "trainer_state.json", "sub/b.json")} <= synced_before
+    assert {str(staged), str(staged / "sub")} <= synced_before
+    assert events[rename + 1 :] == [("fsync", str(tmp_path))]  # the rename itself is durable
+    assert (tmp_path / "checkpoint-2" / "sub" / "b.json").read_text() == "sub/b.json" and not staged.exists()
+
+
 def _failing_reward(prompts, videos, **kwargs):
     raise ConnectionError("reward server down")
 
@@ -299,24 +321,95 @@ def test_failing_reward_skips_the_group_when_asked(tmp_path):
     assert trainer.state.log_history[0]["loss"] == 0  # zero advantages: nothing to learn from the skipped group
 
 
-def test_nonfinite_losses_stop_with_a_checkpoint(tmp_path, monkeypatch):
-    def nan_loss(*args, **kwargs):
+class _LoraPerStep(TrainerCallback):
+    """Records the trainable weights and Adam's step count after every optimizer step."""
+
+    def __init__(self):
+        self.loras, self.adam_steps = [], []
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.loras.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        self.adam_steps.append(sorted({float(s["step"]) for s in optimizer.state.values()}))
+
+
+def test_nonfinite_losses_skip_the_update_and_stop_with_a_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def nan_after_the_first_update(*args, **kwargs):
         loss, stats = original(*args, **kwargs)
-        return loss * float("nan"), stats
+        calls["n"] += 1
+        return (loss if calls["n"] == 1 else loss * float("nan")), stats
 
     original = copo.copo_loss
-    monkeypatch.setattr(copo, "copo_loss", nan_loss)
+    monkeypatch.setattr(copo, "copo_loss", nan_after_the_first_update)
+    steps = _LoraPerStep()
     trainer = ARCoPOTrainer(
         tiny_causal_wan_pipeline(),
         "brightness",
-        args=_config(tmp_path, max_steps=10, max_consecutive_nonfinite_losses=3),
+        args=_config(tmp_path, max_steps=10, max_consecutive_nonfinite_losses=3, weight_decay=0.1),
         train_dataset=PROMPTS,
+        callbacks=[steps],
     )
-    before = _lora(trainer)
     trainer.train()
-    assert trainer.state.global_step == 3
-    assert (tmp_path / "checkpoint-3" / "pytorch_lora_weights.safetensors").exists()
-    assert all(torch.equal(before[n], p) for n, p in _lora(trainer).items())  # skipped updates changed nothing
+    assert trainer.state.global_step == 4  # one update, then 3 non-finite losses in a row
+    assert (tmp_path / "checkpoint-4" / "pytorch_lora_weights.safetensors").exists()
+    # After a real update Adam has momentum and weight decay applies: a zero gradient would still move the LoRA.
+    for lora in steps.loras[1:]:
+        assert all(torch.equal(steps.loras[0][n], p) for n, p in lora.items())
+    assert steps.adam_steps == [[1.0]] * 4
+    assert [h["update_skipped"] for h in trainer.state.log_history[:4]] == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_an_update_whose_groups_were_all_skipped_changes_nothing(tmp_path):
+    calls = {"n": 0}
+
+    def down_for_the_second_rollout(prompts, videos, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("reward server down")
+        return videos.mean(dim=(1, 2, 3, 4)).tolist()
+
+    steps = _LoraPerStep()
+    args = _config(tmp_path, max_steps=3, num_iterations=1, reward_error="skip_group", weight_decay=0.1)
+    trainer = ARCoPOTrainer(
+        tiny_causal_wan_pipeline(), down_for_the_second_rollout, args=args, train_dataset=PROMPTS, callbacks=[steps]
+    )
+    trainer.train()
+    first, skipped, third = steps.loras
+    assert all(torch.equal(first[n], p) for n, p in skipped.items())  # bitwise: no Adam momentum, no weight decay
+    assert any(not torch.equal(skipped[n], p) for n, p in third.items())
+    assert steps.adam_steps == [[1.0], [1.0], [2.0]]
+    assert [h["rewards/failed_groups"] for h in trainer.state.log_history[:3]] == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("fails", "ceiling", "message"),
+    [
+        (lambda n: True, {"max_consecutive_skipped_groups": 2}, "2 rollout groups in a row were skipped"),
+        (
+            lambda n: n % 2 == 1,
+            {"max_consecutive_skipped_groups": 3, "max_skipped_group_fraction": 0.5},
+            "2 of 3 rollout groups were skipped, more than `max_skipped_group_fraction`=0.5",
+        ),
+    ],
+)
+def test_skipped_groups_past_the_ceiling_stop_with_a_checkpoint(tmp_path, fails, ceiling, message):
+    calls = {"n": 0}
+
+    def flaky(prompts, videos, **kwargs):
+        calls["n"] += 1
+        if fails(calls["n"]):
+            raise ConnectionError("reward server down")
+        return videos.mean(dim=(1, 2, 3, 4)).tolist()
+
+    args = _config(tmp_path, max_steps=20, num_iterations=1, reward_error="skip_group", **ceiling)
+    trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), flaky, args=args, train_dataset=PROMPTS)
+    with pytest.raises(RewardFailure, match=re.escape(message)) as info:
+        trainer.train()
+    assert "(last error: reward 'flaky' raised ConnectionError: reward server down)" in str(info.value)
+    step = trainer.state.global_step
+    assert step == calls["n"] - 1  # stopped at the rollout that crossed the ceiling
+    assert (tmp_path / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_evaluate_scores_without_training(tmp_path):
@@ -410,13 +503,47 @@ def test_rewards_overlap_the_next_rollout_and_match_the_synchronous_path(tmp_pat
         ({"args": {"reward_weights": {"sharpness": 1.0}}}, "`reward_weights` keys ['sharpness'] name no reward"),
         ({"args": {"pivot_strategy": "fixed", "pivot_index": 2}}, "`pivot_index`=2 but videos have 2 chunks"),
         ({"train_dataset": Dataset.from_dict({"text": ["a"]})}, "needs a 'prompt' column"),
+        (
+            {"train_dataset": Dataset.from_dict({})},
+            "`train_dataset` needs a 'prompt' column (one rollout group per prompt); it has []",
+        ),
+        ({"eval_dataset": Dataset.from_dict({"text": ["a"]})}, "`eval_dataset` needs a 'prompt' column"),
+        (
+            {"train_dataset": Dataset.from_dict({"prompt": []})},
+            "`train_dataset` has 0 prompt(s), fewer than one optimizer step needs: per_device_train_batch_size (1) "
+            "x processes (1) x gradient_accumulation_steps (1) = 1",
+        ),
+        (
+            {"train_dataset": PROMPTS.select([0]), "args": {"per_device_train_batch_size": 2}},
+            "`train_dataset` has 1 prompt(s), fewer than one optimizer step needs: per_device_train_batch_size (2)",
+        ),
+        (
+            {"train_dataset": PROMPTS.select(range(3)), "args": {"gradient_accumulation_steps": 4}},
+            "gradient_accumulation_steps (4) = 4, one rollout group each. Add prompts",
+        ),
     ],
 )
 def test_bad_trainer_input(tmp_path, kwargs, message):
     arguments = {"reward_funcs": "brightness", "train_dataset": PROMPTS, **kwargs}
     arguments["args"] = _config(tmp_path, **kwargs.get("args", {}))
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         ARCoPOTrainer(tiny_causal_wan_pipeline(), **arguments)
+
+
+@pytest.mark.parametrize("name", ["train_dataset", "eval_dataset"])
+def test_a_plain_list_of_prompts_is_refused_with_the_fix(tmp_path, name):
+    with pytest.raises(
+        TypeError, match=re.escape("got list; wrap a list of prompts with `datasets.Dataset.from_dict(")
+    ):
+        ARCoPOTrainer(tiny_causal_wan_pipeline(), "brightness", args=_config(tmp_path), **{name: ["a red car"]})
+
+
+def test_a_policy_generating_nan_stops_with_a_clear_error(tmp_path):
+    trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), "brightness", args=_config(tmp_path), train_dataset=PROMPTS)
+    with torch.no_grad():
+        trainer.pipeline.transformer.proj_out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite latents .* in the rollout group of 'a red car'"):
+        trainer._generate_and_score([{"prompt": "a red car"}], mode="train")
 
 
 def test_model_given_as_a_path_and_sample_videos_logged(tmp_path):
@@ -576,9 +703,11 @@ def test_semi_on_policy_refuses_a_mismatched_buffer(tmp_path, replay_dir):
     [
         ({"train_dataset": PROMPTS}, "do not pass a `train_dataset`"),
         ({"reward_funcs": "sharpness"}, "no rewards for 'sharpness_reward'"),
+        ({"args": {"per_device_train_batch_size": 5}}, "has 4 group(s), fewer than one optimizer step needs"),
     ],
 )
 def test_semi_on_policy_bad_input(tmp_path, replay_dir, kwargs, message):
-    arguments = {"reward_funcs": "brightness", **kwargs}
+    arguments = {"reward_funcs": "brightness", **{k: v for k, v in kwargs.items() if k != "args"}}
+    args = _semi_config(tmp_path, replay_dir, **kwargs.get("args", {}))
     with pytest.raises(ValueError, match=re.escape(message)):
-        ARCoPOTrainer(tiny_causal_wan_pipeline(), args=_semi_config(tmp_path, replay_dir), **arguments)
+        ARCoPOTrainer(tiny_causal_wan_pipeline(), args=args, **arguments)

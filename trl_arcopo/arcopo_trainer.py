@@ -7,11 +7,9 @@ piece of math from :mod:`trl_arcopo.copo`. It owns batching (one rollout group p
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -22,18 +20,22 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
+from diffusers.training_utils import cast_training_params
 from huggingface_hub import ModelCard, ModelCardData
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler
 
 from . import copo
 from .arcopo_config import ARCoPOConfig
+from .checkpoints import load_process_state, save_process_state, staged_checkpoint
 from .evaluation import evaluate_pipeline, resolve_rewards
-from .pipelines.causal_wan import CausalWanPipeline, pipeline_hub_id
+from .pipelines.causal_wan import CausalWanPipeline, check_finite_latents, pipeline_hub_id
 from .replay import (
     buffer_settings,
     check_buffer_settings,
@@ -56,13 +58,8 @@ from .rollout import RolloutGroup, generate_group, rebuild_context, sample_pivot
 logger = logging.getLogger(__name__)
 
 RewardFunc = Callable[..., Any] | torch.nn.Module | str
-_STATE_FILE = "arcopo_state.json"
-_TENSORS_FILE = "arcopo_state.safetensors"
 _LORA_FILE = "pytorch_lora_weights.safetensors"
 _CURVES_FILE = "training_curves.png"
-_STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into place
-# The RolloutGroup tensors a checkpoint keeps (replayed groups have no `latents`).
-_GROUP_TENSORS = ("prompt_embeds", "prefix_latents", "inputs", "predictions", "noise", "latents")
 
 _CITATION = """\
 @article{arcopo2026,
@@ -80,8 +77,45 @@ def _identity_collator(features: list[dict]) -> list[dict]:
     return features
 
 
-def _to_dtype(value: Any) -> Any:
-    return getattr(torch, value) if isinstance(value, str) and value != "auto" else value
+def _check_dataset_type(name: str, dataset: Any) -> None:
+    if dataset is not None and not isinstance(dataset, Dataset | IterableDataset):
+        raise TypeError(
+            f"`{name}` must be a `datasets.Dataset` (or `IterableDataset`) with a 'prompt' column, got "
+            f"{type(dataset).__name__}; wrap a list of prompts with `datasets.Dataset.from_dict({{'prompt': prompts}})`."
+        )
+
+
+def _check_prompt_column(name: str, dataset: Dataset | IterableDataset | None) -> None:
+    columns = getattr(dataset, "column_names", None)  # None for an IterableDataset of unknown features
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(
+            f"`{name}` needs a 'prompt' column (one rollout group per prompt); it has {columns}. Rename the column "
+            "with `dataset.rename_column(old, 'prompt')`."
+        )
+
+
+def _check_one_optimizer_step(dataset: Dataset | IterableDataset | None, args: ARCoPOConfig, what: str) -> None:
+    """A training dataset must give every process at least one full optimizer step (the sampler drops incomplete
+    generation batches: a smaller dataset would train nothing and exit as if it had)."""
+    if not isinstance(dataset, Dataset):  # an IterableDataset has no length to check
+        return
+    needed = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    if len(dataset) < needed:
+        raise ValueError(
+            f"{what.format(rows=len(dataset))}, fewer than one optimizer step needs: per_device_train_batch_size "
+            f"({args.per_device_train_batch_size}) x processes ({args.world_size}) x gradient_accumulation_steps "
+            f"({args.gradient_accumulation_steps}) = {needed}, one rollout group each. Add prompts (repeating them is "
+            "fine), or lower per_device_train_batch_size / gradient_accumulation_steps."
+        )
+
+
+def _from_pretrained_kwargs(model_init_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``model_init_kwargs`` with a dtype given by name (``"bfloat16"``, checked by the config) as a torch dtype."""
+    kwargs = dict(model_init_kwargs or {})
+    for key in ("dtype", "torch_dtype"):
+        if isinstance(kwargs.get(key), str) and kwargs[key] != "auto":
+            kwargs[key] = getattr(torch, kwargs[key])
+    return kwargs
 
 
 class ARCoPOTrainer(Trainer):
@@ -148,9 +182,15 @@ class ARCoPOTrainer(Trainer):
         if not self.reward_funcs:
             raise ValueError("`reward_funcs` is empty: pass at least one reward function.")
         self.reward_func_names = reward_names(self.reward_funcs)
+        _check_dataset_type("train_dataset", train_dataset)
+        _check_dataset_type("eval_dataset", eval_dataset)
         if args.training_mode == "semi_on_policy":
             train_dataset = self._load_replay_buffer(args, pipeline, train_dataset)
-        self._check_against_pipeline(args, pipeline, train_dataset)
+        else:
+            _check_prompt_column("train_dataset", train_dataset)
+            _check_one_optimizer_step(train_dataset, args, "`train_dataset` has {rows} prompt(s)")
+        _check_prompt_column("eval_dataset", eval_dataset)
+        self._check_against_pipeline(args, pipeline)
 
         transformer = pipeline.transformer
         transformer.requires_grad_(False)
@@ -166,9 +206,7 @@ class ARCoPOTrainer(Trainer):
             )
         transformer.add_adapter(peft_config, adapter_name=args.adapter_name)
         transformer.set_adapter(args.adapter_name)
-        for parameter in transformer.parameters():
-            if parameter.requires_grad:  # LoRA weights train in float32 whatever the base dtype
-                parameter.data = parameter.data.float()
+        cast_training_params(transformer, dtype=torch.float32)  # the LoRA trains in float32 whatever the base dtype
         if args.transformer_gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
 
@@ -181,8 +219,12 @@ class ARCoPOTrainer(Trainer):
         self.reward_columns: list[str] | None = None
         self.reward_column_weights: torch.Tensor | None = None
         self._reward_thread: ThreadPoolExecutor | None = None  # created on first use (`overlap_rewards`)
-        self._step = 0
-        self._nonfinite_losses = 0
+        self._step = 0  # training_step calls (microbatches) so far
+        self._nonfinite_losses = 0  # in a row
+        self._skipped_in_a_row = 0  # skipped groups, over all processes (`reward_error="skip_group"`)
+        self._skipped_groups = 0
+        self._scored_groups = 0
+        self._update_has_signal = False  # this process had a group to learn from in the current optimizer step
         super().__init__(
             model=transformer,
             args=args,
@@ -207,8 +249,7 @@ class ARCoPOTrainer(Trainer):
         if isinstance(model, CausalWanPipeline):
             return model
         if isinstance(model, str | os.PathLike):
-            kwargs = {k: _to_dtype(v) for k, v in (args.model_init_kwargs or {}).items()}
-            return CausalWanPipeline.from_pretrained(model, **kwargs)
+            return CausalWanPipeline.from_pretrained(model, **_from_pretrained_kwargs(args.model_init_kwargs))
         raise TypeError(f"`model` must be a CausalWanPipeline or a Hub id / path of one, got {type(model).__name__}.")
 
     def _load_replay_buffer(self, args: ARCoPOConfig, pipeline: CausalWanPipeline, train_dataset) -> Dataset:
@@ -232,9 +273,10 @@ class ARCoPOTrainer(Trainer):
         for settings in buffer_settings(buffer):
             check_buffer_settings(settings, expected)
         select_reward_columns(list(buffer.features["rewards"]), self.reward_func_names)  # every reward is stored
+        _check_one_optimizer_step(buffer, args, f"The replay buffer {args.replay_dataset!r} has {{rows}} group(s)")
         return buffer
 
-    def _check_against_pipeline(self, args: ARCoPOConfig, pipeline: CausalWanPipeline, train_dataset) -> None:
+    def _check_against_pipeline(self, args: ARCoPOConfig, pipeline: CausalWanPipeline) -> None:
         num_steps = len(pipeline.timesteps)
         if args.train_steps is not None and max(args.train_steps) >= num_steps:
             raise ValueError(
@@ -273,9 +315,6 @@ class ARCoPOTrainer(Trainer):
             raise ValueError(
                 "`exploration='sde'` trains the stochastic transitions: `train_steps` must include a step < T-1."
             )
-        if train_dataset is not None and hasattr(train_dataset, "column_names") and train_dataset.column_names:
-            if "prompt" not in train_dataset.column_names:
-                raise ValueError(f"`train_dataset` needs a 'prompt' column; it has {train_dataset.column_names}.")
         self.num_chunks = num_chunks
         self.train_steps = list(args.train_steps) if args.train_steps is not None else list(range(num_steps))
 
@@ -339,12 +378,14 @@ class ARCoPOTrainer(Trainer):
                     f"{error} Set `reward_error='skip_group'` to skip such groups instead of stopping."
                 ) from error
             logger.warning("Skipping a rollout group: %s", error)
+            self._last_reward_error = str(error)
             return None
         self._metrics[mode]["rewards/failed_groups"].append(0.0)
         return rewards
 
     def _rollout_group(self, row: dict) -> RolloutGroup:
-        """A group rolled out (and decoded) by the current policy."""
+        """A group rolled out (and decoded) by the current policy; non-finite latents stop training (a policy that
+        generates NaN has diverged: no reward can score it)."""
         args = self.args
         pivot = sample_pivot(
             self.num_chunks,
@@ -353,7 +394,7 @@ class ARCoPOTrainer(Trainer):
             weights=args.pivot_weights,
             generator=self.rollout_generator,
         )
-        return generate_group(
+        group = generate_group(
             self.pipeline,
             self.pipeline.encode_prompt(row["prompt"]),
             num_generations=args.num_generations,
@@ -364,6 +405,8 @@ class ARCoPOTrainer(Trainer):
             rollout_batch_size=args.rollout_batch_size,
             generator=self.rollout_generator,
         )
+        check_finite_latents(group.latents, f"the rollout group of {row['prompt']!r} (step {self.state.global_step})")
+        return group
 
     def _score_group(self, row: dict, group: RolloutGroup, mode: str) -> Future:
         """The rewards ``[G, K]`` of a rolled-out group (None: a reward failed and the group is skipped), as a future:
@@ -431,8 +474,38 @@ class ARCoPOTrainer(Trainer):
         groups = [item for item, _ in scored]
         rewards = torch.stack([rewards for _, rewards in scored])
         pivots = [float(item["group"].pivot) for item in groups]
-        self._log_rollout_metrics(rewards, pivots, time.perf_counter() - start, groups, mode)
+        gathered = self._log_rollout_metrics(rewards, pivots, time.perf_counter() - start, groups, mode)
+        if mode == "train" and self.args.reward_error == "skip_group":
+            self._count_skipped_groups(gathered.isnan().all(-1).all(-1).tolist())
         return groups
+
+    def _count_skipped_groups(self, skipped: list[bool]) -> None:
+        """Count the skipped groups of a generation batch (gathered: every process decides alike) and stop past the
+        ceilings of ``reward_error="skip_group"``."""
+        for is_skipped in skipped:
+            self._skipped_in_a_row = self._skipped_in_a_row + 1 if is_skipped else 0
+        self._skipped_groups += sum(skipped)
+        self._scored_groups += len(skipped)
+        args, reason = self.args, None
+        if self._skipped_in_a_row >= args.max_consecutive_skipped_groups:
+            reason = (
+                f"{self._skipped_in_a_row} rollout groups in a row were skipped (`max_consecutive_skipped_groups`="
+                f"{args.max_consecutive_skipped_groups})"
+            )
+        elif (
+            self._scored_groups >= args.max_consecutive_skipped_groups
+            and self._skipped_groups > args.max_skipped_group_fraction * self._scored_groups
+        ):
+            reason = (
+                f"{self._skipped_groups} of {self._scored_groups} rollout groups were skipped, more than "
+                f"`max_skipped_group_fraction`={args.max_skipped_group_fraction:g}"
+            )
+        if reason is not None:
+            last = getattr(self, "_last_reward_error", None)
+            raise RewardFailure(
+                f"{reason}: the reward keeps failing{f' (last error: {last})' if last else ''}. Fix the reward, "
+                "then resume from the checkpoint saved now; or raise the ceiling."
+            )
 
     def _finish_group(self, row: dict, group: RolloutGroup, rewards: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
         """The training item of a scored group (advantages from the weighted rewards) and its rewards ``[G, K]``
@@ -462,8 +535,8 @@ class ARCoPOTrainer(Trainer):
         # Before any group was scored (the first one failed), one column per reward.
         return len(self.reward_columns) if self.reward_columns is not None else len(self.reward_funcs)
 
-    def _log_rollout_metrics(self, rewards: torch.Tensor, pivots, seconds: float, groups, mode: str) -> None:
-        """``rewards`` ``[N, G, K]``; gathered over processes (groups stay whole on one process)."""
+    def _log_rollout_metrics(self, rewards: torch.Tensor, pivots, seconds: float, groups, mode: str) -> torch.Tensor:
+        """``rewards`` ``[N, G, K]``; gathered over processes (groups stay whole on one process) and returned."""
         metrics = self._metrics[mode]
         device = self.accelerator.device
         rewards = self.accelerator.gather(rewards.to(device)).cpu()
@@ -479,6 +552,7 @@ class ARCoPOTrainer(Trainer):
         metrics["rollout/seconds"].append(seconds)
         distances = [copo.mean_pairwise_distance(g["group"].predictions[-1]).item() for g in groups]
         metrics["rollout/candidate_distance"].append(sum(distances) / len(distances))
+        return rewards
 
     # ---------------------------------------------------------------------------------------------- loss
 
@@ -487,22 +561,40 @@ class ARCoPOTrainer(Trainer):
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         except RewardFailure:
-            logger.error("A reward failed with reward_error='raise': saving a checkpoint before stopping.")
+            logger.error("A reward failed (see `reward_error`): saving a checkpoint before stopping.")
             self._save_checkpoint(model, trial=None)
             raise
         self._step += 1
+        if self.accelerator.sync_gradients:  # the optimizer steps after this microbatch
+            self._drop_gradients_without_signal(model)
         self._metrics["train"]["step_time"].append(time.perf_counter() - start)
         return loss
+
+    def _drop_gradients_without_signal(self, model) -> None:
+        """When no process had a group to learn from in this optimizer step (every group skipped, or non-finite
+        losses), clear the gradients: torch optimizers skip parameters without a gradient, so Adam's moments, its
+        step count and weight decay leave the LoRA bitwise unchanged (a zero gradient would still move it)."""
+        signal = torch.tensor(float(self._update_has_signal), device=self.accelerator.device)
+        self._update_has_signal = False
+        has_signal = self.accelerator.reduce(signal, reduction="sum").item() > 0
+        self._metrics["train"]["update_skipped"].append(0.0 if has_signal else 1.0)
+        if not has_signal:
+            for parameter in model.parameters():
+                parameter.grad = None
 
     def compute_loss(self, model, inputs: list[dict], return_outputs: bool = False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("ARCoPOTrainer does not return outputs from compute_loss.")
-        losses = [self._group_loss(model, item) for item in inputs]
-        loss = torch.stack(losses).mean()
-        if torch.isfinite(loss):
+        # A skipped group (`reward_error="skip_group"`) has NaN rewards: nothing to learn from it.
+        losses = [self._group_loss(model, item) for item in inputs if not item["rewards"].isnan().all()]
+        loss = torch.stack(losses).mean() if losses else None
+        if loss is not None and torch.isfinite(loss):
             self._nonfinite_losses = 0
+            self._update_has_signal = True
             self._metrics["train"]["nonfinite_loss"].append(0.0)
             return loss
+        if loss is None:
+            return self._zero_loss(model)
         self._nonfinite_losses += 1
         self._metrics["train"]["nonfinite_loss"].append(1.0)
         logger.warning("Non-finite loss (%d in a row): skipping this update.", self._nonfinite_losses)
@@ -511,7 +603,11 @@ class ARCoPOTrainer(Trainer):
             # The Trainer saves checkpoint-{step} after this (skipped) update and stops.
             self.control.should_save = True
             self.control.should_training_stop = True
-        # A zero loss connected to every trainable weight keeps distributed gradient hooks in step.
+        return self._zero_loss(model)
+
+    @staticmethod
+    def _zero_loss(model) -> torch.Tensor:
+        # Connected to every trainable weight: distributed gradient hooks stay in step.
         return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
     def _group_loss(self, model, item: dict) -> torch.Tensor:
@@ -692,8 +788,9 @@ class ARCoPOTrainer(Trainer):
     # ---------------------------------------------------------------------------------------------- saving
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write only the adapter: diffusers LoRA (``pytorch_lora_weights.safetensors``, loadable with
-        ``pipe.load_lora_weights``), the PEFT adapter, and the training arguments as JSON (no pickle)."""
+        """Write only the adapter: the diffusers LoRA ``pytorch_lora_weights.safetensors`` (its LoRA config in the
+        file's metadata; ``pipe.load_lora_weights(dir)``), PEFT's ``adapter_config.json`` and the training arguments
+        as JSON (no pickle)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -708,10 +805,6 @@ class ARCoPOTrainer(Trainer):
             output_dir, transformer_lora_layers=lora_state, transformer_lora_adapter_metadata=peft_config.to_dict()
         )
         peft_config.save_pretrained(output_dir)
-        save_file(
-            {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in lora_state.items()},
-            os.path.join(output_dir, "adapter_model.safetensors"),
-        )
         Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -720,34 +813,42 @@ class ARCoPOTrainer(Trainer):
             self.create_model_card(output_dir=output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint into ``output_dir/.staging/checkpoint-N`` (the Trainer's files and ours), then rename
-        it to ``output_dir/checkpoint-N``: a run killed while saving leaves no partial checkpoint to resume from."""
+        """The Trainer's checkpoint and the AR-CoPO state of every process, written into
+        ``output_dir/.staging/checkpoint-N`` and renamed into place (:mod:`trl_arcopo.checkpoints`): a run killed
+        while saving leaves no partial checkpoint to resume from.
+
+        ``Trainer._save_checkpoint`` writes straight into the final folder, so its steps are called here on the
+        staged one: model, optimizer, scheduler, scaler and RNG states, callback states and ``trainer_state.json``,
+        then the Hub upload and checkpoint rotation on the published folder.
+        """
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_dir = os.path.join(run_dir, _STAGING_DIR)
-        staged, final = os.path.join(staging_dir, name), os.path.join(run_dir, name)
-        if self.accelerator.is_local_main_process and os.path.isdir(staged):
-            shutil.rmtree(staged)  # left by a save that crashed
-        self.accelerator.wait_for_everyone()
-        self._get_output_dir = lambda trial: staging_dir  # the Trainer composes its checkpoint path from this
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        self._save_trainer_state(staged)
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            self._publish_checkpoint(staged, final)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_local_main_process and os.path.isdir(staged):
-            self._publish_checkpoint(staged, final)  # a node that does not share the main node's file system
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_local_main_process and os.path.isdir(staging_dir) and not os.listdir(staging_dir):
-            os.rmdir(staging_dir)
-        if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_dir):
-            self.state.best_model_checkpoint = os.path.join(
-                run_dir, os.path.basename(self.state.best_model_checkpoint)
-            )
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        best_step = self.state.best_global_step
+        if best_step and (
+            best_step == self.state.global_step or os.path.isdir(self._checkpoint_dir(run_dir, best_step))
+        ):
+            self.state.best_model_checkpoint = self._checkpoint_dir(run_dir, best_step)
+        with staged_checkpoint(run_dir, name, self.accelerator) as staged:
+            self.save_model(staged, _internal_call=True)
+            if not self.args.save_only_model:
+                self._save_optimizer_and_scheduler(staged)
+                self._save_scaler(staged)
+                self._save_rng_state(staged)
+            self._save_trainer_state(staged)
+            if self.args.should_save:
+                for callback in [*self.callback_handler.callbacks, self.control]:
+                    if isinstance(callback, ExportableState):
+                        states = self.state.stateful_callbacks
+                        callback_name = type(callback).__name__
+                        if isinstance(states.get(callback_name), list):
+                            states[callback_name].append(callback.state())
+                        else:
+                            states[callback_name] = callback.state()
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(os.path.join(run_dir, name))
         if self.args.should_save:
             rotate_checkpoints(
                 output_dir=run_dir,
@@ -757,31 +858,18 @@ class ARCoPOTrainer(Trainer):
             )
 
     @staticmethod
-    def _publish_checkpoint(staged: str, final: str) -> None:
-        if os.path.isdir(final):  # the same step saved again (e.g. the last step after a reward failure)
-            shutil.rmtree(final)
-        os.replace(staged, final)
+    def _checkpoint_dir(run_dir: str, step: int) -> str:
+        return os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
 
     def _save_trainer_state(self, checkpoint: str) -> None:
-        """Rollout RNG, step counter and the buffered rollouts (so a resume continues exactly), one file pair per
-        process, safetensors + JSON only."""
-        rank = self.accelerator.process_index
-        tensors = {"rollout_generator": self.rollout_generator.get_state()}
-        meta: dict[str, Any] = {"step": self._step, "nonfinite_losses": self._nonfinite_losses, "groups": []}
-        for i, microbatch in enumerate(self._buffered_inputs or []):
-            for j, item in enumerate(microbatch):
-                group: RolloutGroup = item["group"]
-                key = f"{i}.{j}"
-                for field_name in _GROUP_TENSORS:
-                    if getattr(group, field_name) is not None:
-                        tensors[f"{key}.{field_name}"] = getattr(group, field_name).detach().cpu().contiguous()
-                tensors[f"{key}.advantages"] = item["advantages"].cpu()
-                tensors[f"{key}.rewards"] = item["rewards"].cpu()
-                meta["groups"].append({"key": key, "pivot": group.pivot, "exploration": group.exploration})
-        meta["microbatches"] = len(self._buffered_inputs or [])
-        os.makedirs(checkpoint, exist_ok=True)
-        save_file(tensors, os.path.join(checkpoint, f"rank{rank}_{_TENSORS_FILE}"))
-        Path(checkpoint, f"rank{rank}_{_STATE_FILE}").write_text(json.dumps(meta))
+        """Rollout RNG, step counters and the buffered rollouts of this process (so a resume continues exactly)."""
+        save_process_state(
+            checkpoint,
+            self.accelerator.process_index,
+            rollout_generator=self.rollout_generator,
+            counters=self._counters(),
+            buffered=self._buffered_inputs,
+        )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         lora_file = os.path.join(resume_from_checkpoint, _LORA_FILE)
@@ -798,24 +886,26 @@ class ARCoPOTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        rank = self.accelerator.process_index
-        meta_file = Path(checkpoint, f"rank{rank}_{_STATE_FILE}")
-        if not meta_file.is_file():
+        state = load_process_state(checkpoint, self.accelerator.process_index, self.accelerator.device)
+        if state is None:
             logger.warning("%s has no AR-CoPO state: rollouts restart from a fresh generator.", checkpoint)
             return
-        meta = json.loads(meta_file.read_text())
-        tensors = load_file(os.path.join(checkpoint, f"rank{rank}_{_TENSORS_FILE}"))
-        self.rollout_generator.set_state(tensors["rollout_generator"])
-        self._step, self._nonfinite_losses = meta["step"], meta["nonfinite_losses"]
-        device = self.accelerator.device
-        buffered = [[] for _ in range(meta["microbatches"])]
-        for entry in meta["groups"]:
-            key = entry["key"]
-            fields = {f: tensors[f"{key}.{f}"].to(device) if f"{key}.{f}" in tensors else None for f in _GROUP_TENSORS}
-            group = RolloutGroup(**fields, pivot=entry["pivot"], videos=None, exploration=entry["exploration"])
-            item = {"group": group, "advantages": tensors[f"{key}.advantages"], "rewards": tensors[f"{key}.rewards"]}
-            buffered[int(key.split(".")[0])].append(item)
-        self._buffered_inputs = buffered or None
+        generator_state, counters, self._buffered_inputs = state
+        self.rollout_generator.set_state(generator_state)
+        self._step, self._nonfinite_losses = counters["step"], counters["nonfinite_losses"]
+        # Checkpoints written before the skip ceilings existed have no group counts.
+        self._skipped_in_a_row = counters.get("skipped_in_a_row", 0)
+        self._skipped_groups = counters.get("skipped_groups", 0)
+        self._scored_groups = counters.get("scored_groups", 0)
+
+    def _counters(self) -> dict[str, int]:
+        return {
+            "step": self._step,
+            "nonfinite_losses": self._nonfinite_losses,
+            "skipped_in_a_row": self._skipped_in_a_row,
+            "skipped_groups": self._skipped_groups,
+            "scored_groups": self._scored_groups,
+        }
 
     # ---------------------------------------------------------------------------------------------- model card
 

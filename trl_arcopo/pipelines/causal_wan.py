@@ -31,6 +31,7 @@ __all__ = [
     "CausalWanPipeline",
     "CausalWanPipelineOutput",
     "ChunkTrajectory",
+    "check_finite_latents",
     "pipeline_hub_id",
     "pipeline_model_id",
 ]
@@ -120,6 +121,16 @@ def pipeline_hub_id(pipeline: DiffusionPipeline) -> str | None:
     """:func:`pipeline_model_id` when it is a Hub id (None for a local folder): the base model a model card names."""
     source = pipeline_model_id(pipeline)
     return None if source is None or os.path.isdir(source) else source
+
+
+def check_finite_latents(latents: torch.Tensor, where: str) -> None:
+    """Raise a ``FloatingPointError`` naming ``where`` when ``latents`` hold a NaN or an infinity (one reduction)."""
+    if not torch.isfinite(latents).all():
+        raise FloatingPointError(
+            f"The generator produced non-finite latents (NaN or inf) in {where}: its weights (e.g. a LoRA trained "
+            "with too high a learning rate) or its dtype overflowed. Check the loaded LoRA, or use bfloat16 or "
+            "float32 instead of float16."
+        )
 
 
 class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
