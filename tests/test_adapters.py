@@ -171,14 +171,24 @@ def test_export_leaves_out_zero_scales(adapter_dirs):
         merged_lora_state_dict(pipe, {"semi": 0.0, "on_policy": 0.0})
 
 
-def test_the_card_names_a_hub_base_model_but_no_local_folder(adapter_dirs, tmp_path):
-    pipe = loaded_pipeline(adapter_dirs)
-    pipe.generator_id = "org/causal-wan"  # as `CausalWanPipeline.from_self_forcing` records its checkpoint
-    card = ModelCard.load(save_merged_lora(pipe, WEIGHTS, tmp_path / "hub") / "README.md")
-    assert card.data.base_model == "org/causal-wan" and "generator `org/causal-wan`" in card.text
-    pipe.generator_id = str(tmp_path)
-    card = ModelCard.load(save_merged_lora(pipe, WEIGHTS, tmp_path / "local") / "README.md")
-    assert card.data.base_model is None and "generator `<base pipeline>`" in card.text
+def test_the_card_names_the_real_base_and_a_quick_start_for_it(adapter_dirs, tmp_path, hf_cache):
+    # The tiny preset, built in memory: named, and the quick start builds the same pipeline.
+    card = ModelCard.load(save_merged_lora(loaded_pipeline(adapter_dirs), WEIGHTS, tmp_path / "tiny") / "README.md")
+    assert card.data.base_model is None and "generator the tiny preset `tiny_causal_wan_pipeline(seed=0)`" in card.text
+    assert "pipe = tiny_causal_wan_pipeline(seed=0)" in card.text
+    assert f'pipe.load_lora_weights("{tmp_path / "tiny"}")' in card.text  # the folder: no Hub repo was named
+
+    # A pipeline from the Hub is the card's base model; one from a local folder is named, not claimed as a Hub id.
+    tiny_causal_wan_pipeline().save_pretrained(tmp_path / "pipeline")
+    populate_hub_cache("org/causal-wan", tmp_path / "pipeline", cache_dir=hf_cache)
+    for source, kwargs in (("org/causal-wan", {"cache_dir": hf_cache}), (str(tmp_path / "pipeline"), {})):
+        pipe = CausalWanPipeline.from_pretrained(source, **kwargs)
+        for name, directory in adapter_dirs.items():
+            pipe.load_lora_weights(directory, adapter_name=name)
+        card = ModelCard.load(save_merged_lora(pipe, WEIGHTS, tmp_path / "card", repo_id="me/merged") / "README.md")
+        assert f"CausalWanPipeline.from_pretrained({source!r}, dtype=torch.float32)" in card.text
+        assert 'pipe.load_lora_weights("me/merged")' in card.text and "<base pipeline>" not in card.text
+    assert card.data.base_model is None and f"generator `{source}` (a local path)" in card.text
 
 
 def test_fuse_round_trip_and_fused_pipeline_save_load(adapter_dirs, tmp_path):

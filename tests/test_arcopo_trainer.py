@@ -141,9 +141,20 @@ def test_save_model_writes_a_diffusers_lora_and_card(tmp_path):
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)  # no pickle
     card = (tmp_path / "final" / "README.md").read_text()
     assert "library_name: diffusers" in card and "arcopo" in card and "2603.17461" in card
+    assert "](training_curves.png)" in card and "`brightness_reward` (weight 1)" in card
+    assert "generator the tiny preset `tiny_causal_wan_pipeline(seed=0)`" in card and "base_model" not in card
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     assert (
-        "load_lora_weights" in card and "](training_curves.png)" in card and "`brightness_reward` (weight 1)" in card
+        f"Trained for 2 optimizer steps: the mean rollout reward went from {rewards[0]:.4g} (first\n1 logged" in card
     )
+    assert f"to **{rewards[-1]:.4g}** (last 1)" in card
+    # The quick start runs: it builds the base pipeline and loads this LoRA from the folder it was saved to.
+    quick_start = re.search(r"```python\n(.*?)\n```", card, re.S).group(1)
+    scope = {}
+    exec(quick_start.replace('export_to_video(video, "video.mp4", fps=16)', ""), scope)
+    assert scope["video"].shape == (21, 32, 32, 3) and scope["pipe"].get_list_adapters() == {
+        "transformer": ["default_0"]
+    }
     assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # written by train()
 
     # The saved LoRA reproduces the trained transformer in a fresh pipeline.

@@ -1,9 +1,12 @@
 """CausalWanPipeline: parity with the original Self-Forcing sampler, cache semantics, forking, LoRA, I/O."""
 
 import json
+import re
 
 import pytest
 import torch
+from diffusers import DiffusionPipeline
+from diffusers.callbacks import PipelineCallback
 from safetensors.torch import load_file
 
 from trl_arcopo import CausalWanPipeline
@@ -304,6 +307,7 @@ def test_pipeline_save_load_round_trip(tmp_path):
     pipe.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "CausalWanPipeline"
     loaded = CausalWanPipeline.from_pretrained(tmp_path)
+    assert type(DiffusionPipeline.from_pretrained(tmp_path)) is CausalWanPipeline  # diffusers' generic loader too
     for component in ("transformer", "vae", "text_encoder"):
         saved = getattr(loaded, component).state_dict()
         for name, tensor in getattr(pipe, component).state_dict().items():
@@ -350,11 +354,32 @@ def test_state_dict_unchanged_by_causal_processors():
     [
         ({"prompt": "a cat", "num_frames": 17}, "num_frames"),
         ({"prompt": "a cat", "num_frames": 12}, "num_frames"),
-        ({"prompt": "a cat", "height": 40}, "multiples of 16"),
-        ({"prompt": "a cat", "width": 24}, "multiples of 16"),
+        ({"prompt": "a cat", "height": 40}, "`height`=40 must be a positive multiple of 16"),
+        ({"prompt": "a cat", "width": 24}, "`width`=24 must be a positive multiple of 16"),
+        ({"prompt": "a cat", "height": 0}, "`height`=0 must be a positive multiple of 16"),
+        ({"prompt": "a cat", "height": -16}, "`height`=-16 must be a positive multiple of 16"),
+        ({"prompt": "a cat", "width": 32.0}, "`width`=32.0 must be a positive multiple of 16"),
+        ({"prompt": "a cat", "num_frames": 21.0}, "`num_frames`=21.0 does not split into whole chunks"),
         ({"prompt": "a cat", "prompt_embeds": torch.zeros(1, 16, 32)}, "exactly one of `prompt` or `prompt_embeds`"),
-        ({}, "exactly one of `prompt` or `prompt_embeds`"),
+        ({}, "Pass `prompt` (a string or a list of strings) or `prompt_embeds`; got neither"),
+        ({"prompt": None}, "Pass `prompt` (a string or a list of strings) or `prompt_embeds`; got neither"),
+        ({"prompt": 3}, "`prompt` must be a string or a list of strings, got 3"),
+        ({"prompt": ("a", "b")}, "`prompt` must be a string or a list of strings, got ('a', 'b')"),
+        ({"prompt": ["a", None]}, "`prompt` must be a string or a list of strings, got ['a', None]"),
+        ({"prompt": []}, "`prompt` is an empty list"),
+        ({"prompt_embeds": torch.zeros(1, 16, 48)}, "`prompt_embeds` must be a tensor [batch, tokens, 32]"),
+        ({"prompt_embeds": torch.zeros(16, 32)}, "got (16, 32); make them with `pipe.encode_prompt(prompts)`"),
+        ({"prompt_embeds": [[0.0] * 32]}, "`prompt_embeds` must be a tensor [batch, tokens, 32] (the transformer's"),
+        ({"prompt": "a", "num_videos_per_prompt": 0}, "`num_videos_per_prompt` must be an integer >= 1, got 0"),
+        (
+            {"prompt": "a", "callback_on_step_end_tensor_inputs": ["prompt_embeds"]},
+            "`callback_on_step_end_tensor_inputs` ['prompt_embeds'] are not among ['latents']",
+        ),
         ({"prompt": ["a", "b"], "latents": torch.zeros(1, 16, 3, 4, 4)}, "`latents` has batch 1"),
+        (
+            {"prompt": "a", "num_videos_per_prompt": 2, "latents": torch.zeros(1, 16, 3, 4, 4)},
+            "`latents` has batch 1 but there are 1 prompts x 2 videos per prompt",
+        ),
         ({"prompt": "a", "latents": torch.zeros(1, 16, 4, 4, 4)}, "not a multiple of the chunk size"),
         ({"prompt": "a", "latents": torch.zeros(1, 8, 3, 4, 4)}, "`latents` must be"),
         ({"prompt": "a", "output_type": "mp4"}, "`output_type`"),
@@ -364,8 +389,84 @@ def test_state_dict_unchanged_by_causal_processors():
 def test_bad_call_arguments(kwargs, message):
     pipe = tiny_causal_wan_pipeline()
     kwargs = {"num_frames": 9, "height": 32, "width": 32, **kwargs}
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         pipe(**kwargs)
+
+
+def test_nan_latents_raise_instead_of_writing_a_nan_video():
+    pipe = tiny_causal_wan_pipeline()
+    with torch.no_grad():
+        pipe.transformer.proj_out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"non-finite latents \(NaN or inf\) in chunk 0 of 2"):
+        pipe("a cat", num_frames=21, height=32, width=32, output_type="pt")
+
+
+def test_num_videos_per_prompt_batches_each_prompt_like_wan():
+    pipe = tiny_causal_wan_pipeline()
+    noise = torch.randn(4, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    kwargs = {"latents": noise, "generator": torch.Generator().manual_seed(1), "output_type": "latent"}
+    videos = pipe(["a red car", "a cat"], num_videos_per_prompt=2, **kwargs).frames
+    embeds = pipe.encode_prompt(["a red car", "a red car", "a cat", "a cat"])  # the videos of a prompt are adjacent
+    expected = pipe(prompt_embeds=embeds, **{**kwargs, "generator": torch.Generator().manual_seed(1)}).frames
+    assert videos.shape == (4, 16, 3, 4, 4) and torch.equal(videos, expected)
+    shape = pipe("a cat", num_frames=9, height=32, width=32, num_videos_per_prompt=3, output_type="pt").frames.shape
+    assert shape == (3, 9, 3, 32, 32)
+
+
+def test_callback_on_step_end_sees_and_edits_each_chunk():
+    pipe = tiny_causal_wan_pipeline()
+    kwargs = {
+        "prompt_embeds": torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(0)),
+        "latents": torch.randn(1, 16, 9, 4, 4, generator=torch.Generator().manual_seed(1)),
+        "output_type": "latent",
+    }
+    plain = pipe(generator=torch.Generator().manual_seed(2), **kwargs).frames
+    seen = []
+
+    def record(p, step, timestep, callback_kwargs):
+        seen.append((step, timestep, callback_kwargs["latents"].clone()))
+        return {}
+
+    assert torch.equal(
+        pipe(generator=torch.Generator().manual_seed(2), callback_on_step_end=record, **kwargs).frames, plain
+    )
+    assert [(step, timestep) for step, timestep, _ in seen] == [(c, pipe.timesteps[-1]) for c in range(3)]
+    for c, (_, _, latents) in enumerate(seen):  # clean up to the current chunk, the initial noise after it
+        torch.testing.assert_close(latents[:, :, : 3 * (c + 1)], plain[:, :, : 3 * (c + 1)], atol=0, rtol=0)
+        assert torch.equal(latents[:, :, 3 * (c + 1) :], kwargs["latents"][:, :, 3 * (c + 1) :])
+
+    def zero_the_first_chunk(p, step, timestep, callback_kwargs):
+        latents = callback_kwargs["latents"]
+        if step == 0:
+            latents[:, :, :3] = 0
+        return {"latents": latents}
+
+    edited = pipe(generator=torch.Generator().manual_seed(2), callback_on_step_end=zero_the_first_chunk, **kwargs)
+    assert edited.frames[:, :, :3].abs().max() == 0
+    assert not torch.allclose(edited.frames[:, :, 3:], plain[:, :, 3:])  # later chunks attended to the edited one
+
+    def stop_after_the_second_chunk(p, step, timestep, callback_kwargs):
+        p._interrupt = step == 1
+        return {}
+
+    stopped = pipe(
+        generator=torch.Generator().manual_seed(2), callback_on_step_end=stop_after_the_second_chunk, **kwargs
+    )
+    assert torch.equal(stopped.frames, plain[:, :, :6])
+
+
+def test_pipeline_callbacks_of_diffusers_are_accepted():
+    class Halve(PipelineCallback):
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            return {"latents": callback_kwargs["latents"] * 0.5}
+
+    pipe = tiny_causal_wan_pipeline()
+    kwargs = {"prompt_embeds": torch.randn(1, 16, 32), "latents": torch.randn(1, 16, 3, 4, 4), "output_type": "latent"}
+    plain = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    halved = pipe(generator=torch.Generator().manual_seed(0), callback_on_step_end=Halve(), **kwargs).frames
+    torch.testing.assert_close(halved, plain * 0.5, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from trl_arcopo import CausalWanPipeline
 from trl_arcopo.models import wan_config_from_original
+from trl_arcopo.pipelines.causal_wan import pipeline_source
 from trl_arcopo.testing import populate_hub_cache, tiny_components
 
 
@@ -61,6 +62,12 @@ def test_from_self_forcing_with_window_and_bf16(hub):
         cache_dir=hub, dtype=torch.bfloat16, local_attn_size=6, sink_size=3, max_sequence_length=16
     )
     assert pipe.config.local_attn_size == 6 and pipe.config.sink_size == 3
+    source = pipeline_source(pipe)  # what a model card of a LoRA trained on it names and loads
+    assert source.hub_id == "gdhe17/Self-Forcing" and "https://huggingface.co/gdhe17/Self-Forcing" in source.name
+    assert source.code.endswith(
+        "CausalWanPipeline.from_self_forcing('gdhe17/Self-Forcing', 'Wan-AI/Wan2.1-T2V-1.3B-Diffusers', "
+        'dtype=torch.bfloat16, local_attn_size=6, sink_size=3).to("cuda" if torch.cuda.is_available() else "cpu")'
+    )
     assert pipe.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     assert pipe.transformer.scale_shift_table.dtype == torch.float32
     latents = pipe(prompt_embeds=torch.randn(1, 8, 32), num_frames=33, height=32, width=48, output_type="latent")

@@ -1,8 +1,8 @@
 """Combine the two AR-CoPO adapters at inference: activate, export, fuse and push ``W = W0 + ΔW_semi + s·ΔW_on``.
 
 AR-CoPO trains two LoRA adapters from the same base weights, ``"semi"`` (semi-on-policy: quality) and
-``"on_policy"`` (exploration: reward gain), and merges them at inference with a scale on the on-policy one (METHOD.md
-§6). Everything here works on adapters loaded into a pipeline with diffusers' LoRA machinery::
+``"on_policy"`` (exploration: reward gain), and merges them at inference with a scale on the on-policy one
+(docs/method.md). Everything here works on adapters loaded into a pipeline with diffusers' LoRA machinery::
 
     pipe.load_lora_weights("semi-lora", adapter_name="semi")
     pipe.load_lora_weights("on-policy-lora", adapter_name="on_policy")
@@ -26,7 +26,7 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from .pipelines.causal_wan import pipeline_hub_id
+from .pipelines.causal_wan import pipeline_source
 
 __all__ = [
     "fuse_adapters",
@@ -44,9 +44,9 @@ _MODEL_CARD = """\
 
 # {{ repo_id }}
 
-{% if fused %}The {{ fused }} of the causal video generator `{{ base_model_id }}` with {{ num_adapters }} AR-CoPO adapters
+{% if fused %}The {{ fused }} of the causal video generator {{ base_model_name }} with {{ num_adapters }} AR-CoPO adapters
 fused into its weights, `W = W0 + {{ formula }}`:
-{% else %}One LoRA for the causal video generator `{{ base_model_id }}` that is exactly the weighted combination of
+{% else %}One LoRA for the causal video generator {{ base_model_name }} that is exactly the weighted combination of
 {{ num_adapters }} AR-CoPO adapters, `W = W0 + {{ formula }}`:
 {% endif %}
 | adapter | scale | rank | source |
@@ -59,12 +59,10 @@ The adapters' `A` matrices are stacked and their scaled `B` matrices concatenate
 ## Quick start
 
 ```python
-import torch
-from trl_arcopo import CausalWanPipeline
+{{ load_code }}
 
-pipe = CausalWanPipeline.from_self_forcing(dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("{{ repo_id }}")
-video = pipe("A corgi surfing a wave at sunset", num_frames=81).frames[0]
+pipe.load_lora_weights("{{ lora_source }}")
+video = pipe("A corgi surfing a wave at sunset").frames[0]
 ```
 {% endif %}"""
 
@@ -219,7 +217,7 @@ def _write_model_card(
 ) -> None:
     """``save_directory/README.md`` for an exported combination (``rank`` of the LoRA) or a fused ``fused``
     component; call it while the adapters are still loaded (their ranks go into the card)."""
-    base_model = pipeline_hub_id(pipe)
+    source = pipeline_source(pipe)
     sources = dict(adapter_sources or {})
     adapter_ranks = {
         name: sorted({layer.r[name] for _, layer in _lora_layers(pipe) if name in layer.r}) for name in weights
@@ -229,7 +227,7 @@ def _write_model_card(
         for name, scale in weights.items()
     )
     card_data = ModelCardData(
-        base_model=base_model,
+        base_model=source.hub_id,
         library_name="diffusers",
         pipeline_tag="text-to-video",
         tags=["arcopo", "diffusers", "text-to-video", "trl", *(["fused-lora"] if fused else ["lora", "merged-lora"])],
@@ -239,7 +237,9 @@ def _write_model_card(
         card_data,
         template_str=_MODEL_CARD,
         repo_id=repo_id or save_directory.name,
-        base_model_id=base_model or "<base pipeline>",
+        base_model_name=source.name,
+        load_code=source.code,
+        lora_source=repo_id or str(save_directory),
         num_adapters=len(weights),
         formula=" + ".join(f"{scale:g}·ΔW_{name}" for name, scale in weights.items()),
         adapter_rows=rows,

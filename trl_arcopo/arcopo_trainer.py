@@ -35,7 +35,7 @@ from . import copo
 from .arcopo_config import ARCoPOConfig
 from .checkpoints import load_process_state, save_process_state, staged_checkpoint
 from .evaluation import evaluate_pipeline, resolve_rewards
-from .pipelines.causal_wan import CausalWanPipeline, check_finite_latents, pipeline_hub_id
+from .pipelines.causal_wan import CausalWanPipeline, check_finite_latents, pipeline_source
 from .replay import (
     buffer_settings,
     check_buffer_settings,
@@ -917,14 +917,16 @@ class ARCoPOTrainer(Trainer):
         output_dir: str | None = None,
         **kwargs,
     ) -> None:
-        """Write ``README.md`` (diffusers LoRA card: base model, tags, quickstart, AR-CoPO citation)."""
+        """Write ``README.md``: a diffusers LoRA card naming the base generator, with a quick start that builds it and
+        loads this LoRA (from the Hub repo when pushing, else from ``output_dir``), the number of steps, the rewards at
+        the start and end of training, and the AR-CoPO citation."""
         if not self.is_world_process_zero():
             return
         output_dir = output_dir or self.args.output_dir
-        base_model = pipeline_hub_id(self.pipeline)
+        source = pipeline_source(self.pipeline)
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         card_data = ModelCardData(
-            base_model=base_model,
+            base_model=source.hub_id,
             datasets=dataset_name,
             library_name="diffusers",
             model_name=model_name or Path(output_dir).name,
@@ -938,13 +940,21 @@ class ARCoPOTrainer(Trainer):
             rewards = ", ".join(f"`{c}` (weight {w:g})" for c, w in zip(self.reward_columns, weights, strict=True))
         else:
             rewards = ", ".join(f"`{name}`" for name in self.reward_func_names)
-        template = Path(__file__).parent / "templates" / "arcopo_model_card.md"
-        repo_id = self.args.hub_model_id or Path(output_dir).name
+        logged = [h["reward"] for h in self.state.log_history if h.get("reward") is not None]
+        window = max(1, min(5, len(logged) // 2))
+        hub_repo = (self.args.hub_model_id or getattr(self, "hub_model_id", None)) if self.args.push_to_hub else None
         card = ModelCard.from_template(
             card_data,
-            template_path=str(template),
-            repo_id=repo_id,
-            base_model_id=base_model or "<base pipeline>",
+            template_path=str(Path(__file__).parent / "templates" / "arcopo_model_card.md"),
+            repo_id=self.args.hub_model_id or Path(output_dir).name,
+            base_model_name=source.name,
+            load_code=source.code,
+            lora_source=hub_repo or output_dir,
+            prompt="A corgi surfing a wave at sunset",
+            num_steps=self.state.global_step,
+            reward_window=window,
+            first_reward=f"{sum(logged[:window]) / window:.4g}" if logged else None,
+            final_reward=f"{sum(logged[-window:]) / window:.4g}" if logged else None,
             rewards=rewards,
             training_curves=_CURVES_FILE if has_curves else None,
             method=self.args.exploration,
@@ -954,5 +964,9 @@ class ARCoPOTrainer(Trainer):
             learning_rate=self.args.learning_rate,
             lora_r=self.args.lora_r,
             lora_alpha=self.args.lora_alpha,
+            num_frames=self.args.num_frames,
+            height=self.args.height,
+            width=self.args.width,
+            fps=self.args.video_fps,
         )
         card.save(os.path.join(output_dir, "README.md"))

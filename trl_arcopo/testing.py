@@ -256,12 +256,16 @@ def tiny_causal_wan_pipeline(seed: int = 0, **overrides: Any):
     Returns a pipeline generating `[B, 16, F, H/8, W/8]` latents (F <= 32) with 16-token prompts; 32x32 pixels and
     9 + 12·(chunks - 1) frames are the usual test sizes.
     """
-    from .pipelines.causal_wan import CausalWanPipeline
+    from .pipelines.causal_wan import CausalWanPipeline, PipelineSource
 
     transformer_keys = tiny_transformer_config().keys()
     transformer_overrides = {k: v for k, v in overrides.items() if k in transformer_keys}
     pipeline_config = {"max_sequence_length": 16, **{k: v for k, v in overrides.items() if k not in transformer_keys}}
-    return CausalWanPipeline(**tiny_components(seed, **transformer_overrides), **pipeline_config)
+    pipe = CausalWanPipeline(**tiny_components(seed, **transformer_overrides), **pipeline_config)
+    call = f"tiny_causal_wan_pipeline({', '.join(f'{k}={v!r}' for k, v in {'seed': seed, **overrides}.items())})"
+    code = f"from trl_arcopo.testing import tiny_causal_wan_pipeline\n\npipe = {call}"
+    pipe.source = PipelineSource(f"the tiny preset `{call}` (random weights, trl_arcopo.testing)", None, code)
+    return pipe
 
 
 def tiny_clip_tokenizer() -> CLIPTokenizer:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import diffusers
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -31,9 +33,11 @@ __all__ = [
     "CausalWanPipeline",
     "CausalWanPipelineOutput",
     "ChunkTrajectory",
+    "PipelineSource",
     "check_finite_latents",
     "pipeline_hub_id",
     "pipeline_model_id",
+    "pipeline_source",
 ]
 
 WAN_BASE_REPO_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -108,6 +112,10 @@ class CausalWanPipelineOutput(BaseOutput):
     trajectory: list[ChunkTrajectory] | None = None
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _collapse_whitespace(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
@@ -121,6 +129,54 @@ def pipeline_hub_id(pipeline: DiffusionPipeline) -> str | None:
     """:func:`pipeline_model_id` when it is a Hub id (None for a local folder): the base model a model card names."""
     source = pipeline_model_id(pipeline)
     return None if source is None or os.path.isdir(source) else source
+
+
+@dataclass(frozen=True)
+class PipelineSource:
+    """Where a pipeline's generator comes from, for model cards.
+
+    Attributes:
+        name: how a model card names it (markdown): a link to its Hub repo, a local path, or how it was built.
+        hub_id: the Hub id (a card's ``base_model``); None for a folder or a pipeline built in memory.
+        code: Python lines that build the same generator as ``pipe`` (imports included).
+    """
+
+    name: str
+    hub_id: str | None
+    code: str
+
+
+def pipeline_source(pipeline: DiffusionPipeline) -> PipelineSource:
+    """The :class:`PipelineSource` of ``pipeline``: the one its constructor recorded (``pipeline.source``, set by
+    ``trl_arcopo.testing.tiny_causal_wan_pipeline``), else built from the checkpoint of
+    :meth:`CausalWanPipeline.from_self_forcing` or the Hub id / folder ``from_pretrained`` read."""
+    recorded = getattr(pipeline, "source", None)
+    if recorded is not None:
+        return recorded
+    dtype = str(pipeline.transformer.dtype).removeprefix("torch.")
+    device = '.to("cuda" if torch.cuda.is_available() else "cpu")'
+    imports = "import torch\nfrom trl_arcopo import CausalWanPipeline\n\n"
+    checkpoint = getattr(pipeline, "generator_id", None)
+    if checkpoint is not None:
+        window = pipeline.config.local_attn_size
+        window_args = f", local_attn_size={window}, sink_size={pipeline.config.sink_size}" if window != -1 else ""
+        call = f"from_self_forcing({checkpoint!r}, {pipeline.name_or_path!r}, dtype=torch.{dtype}{window_args})"
+        return _loaded_source(
+            checkpoint, pipeline_hub_id(pipeline), f"{imports}pipe = CausalWanPipeline.{call}{device}"
+        )
+    if pipeline.name_or_path:
+        code = f"{imports}pipe = CausalWanPipeline.from_pretrained({pipeline.name_or_path!r}, dtype=torch.{dtype}){device}"
+        return _loaded_source(pipeline.name_or_path, pipeline_hub_id(pipeline), code)
+    return PipelineSource(
+        "a CausalWanPipeline built in memory (not saved)",
+        None,
+        "pipe = ...  # the CausalWanPipeline this LoRA was trained on (it was built in memory, not saved)",
+    )
+
+
+def _loaded_source(source: str, hub_id: str | None, code: str) -> PipelineSource:
+    name = f"[`{hub_id}`](https://huggingface.co/{hub_id})" if hub_id else f"`{source}` (a local path)"
+    return PipelineSource(name, hub_id, code)
 
 
 def check_finite_latents(latents: torch.Tensor, where: str) -> None:
@@ -168,6 +224,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["tokenizer", "text_encoder", "vae", "scheduler"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -316,22 +373,50 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         width: int,
         latents: torch.Tensor | None,
         output_type: str,
+        num_videos_per_prompt: int = 1,
+        callback_on_step_end_tensor_inputs: Sequence[str] | None = None,
     ) -> None:
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("Pass exactly one of `prompt` or `prompt_embeds` (got both or neither).")
-        if prompt is not None and not (isinstance(prompt, str) or all(isinstance(p, str) for p in prompt)):
-            raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
-        if prompt is not None and (self.tokenizer is None or self.text_encoder is None):
-            raise ValueError(
-                "`prompt` needs a tokenizer and a text encoder; this pipeline has none: pass `prompt_embeds`."
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass `prompt` (a string or a list of strings) or `prompt_embeds`; got neither.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass exactly one of `prompt` or `prompt_embeds`, not both.")
+        if prompt is not None:
+            if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(p, str) for p in prompt))):
+                raise ValueError(f"`prompt` must be a string or a list of strings, got {prompt!r}.")
+            if isinstance(prompt, list) and not prompt:
+                raise ValueError("`prompt` is an empty list: pass at least one prompt.")
+            if self.tokenizer is None or self.text_encoder is None:
+                raise ValueError(
+                    "`prompt` needs a tokenizer and a text encoder; this pipeline has none: pass `prompt_embeds`."
+                )
+        text_dim = self.transformer.config.text_dim
+        if prompt_embeds is not None and (
+            not isinstance(prompt_embeds, torch.Tensor)
+            or prompt_embeds.ndim != 3
+            or prompt_embeds.shape[-1] != text_dim
+        ):
+            shape = (
+                tuple(prompt_embeds.shape) if isinstance(prompt_embeds, torch.Tensor) else type(prompt_embeds).__name__
             )
-        if prompt_embeds is not None and prompt_embeds.ndim != 3:
-            raise ValueError(f"`prompt_embeds` must be [batch, tokens, dim], got shape {tuple(prompt_embeds.shape)}.")
+            raise ValueError(
+                f"`prompt_embeds` must be a tensor [batch, tokens, {text_dim}] (the transformer's `text_dim`), got "
+                f"{shape}; make them with `pipe.encode_prompt(prompts)`."
+            )
+        if not _is_int(num_videos_per_prompt) or num_videos_per_prompt < 1:
+            raise ValueError(f"`num_videos_per_prompt` must be an integer >= 1, got {num_videos_per_prompt!r}.")
         if output_type not in ("np", "pt", "pil", "latent"):
             raise ValueError(f"`output_type` must be one of 'np', 'pt', 'pil', 'latent', got {output_type!r}.")
         if output_type != "latent" and self.vae is None:
             raise ValueError("Decoding needs a VAE; this pipeline has none: use `output_type='latent'`.")
-        batch = len([prompt] if isinstance(prompt, str) else prompt) if prompt is not None else prompt_embeds.shape[0]
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` {unknown} are not among {self._callback_tensor_inputs}."
+            )
+        num_prompts = (
+            len([prompt] if isinstance(prompt, str) else prompt) if prompt is not None else len(prompt_embeds)
+        )
+        batch = num_prompts * num_videos_per_prompt
         chunk = self.config.num_frame_per_block
         patch_h, patch_w = self.transformer.config.patch_size[1:]
         if latents is not None:
@@ -342,8 +427,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 )
             if latents.shape[0] != batch:
                 raise ValueError(
-                    f"`latents` has batch {latents.shape[0]} but there are {batch} prompts; pass one noise row per "
-                    "prompt."
+                    f"`latents` has batch {latents.shape[0]} but there are {num_prompts} prompts x "
+                    f"{num_videos_per_prompt} videos per prompt; pass one noise row per video."
                 )
             if latents.shape[2] % chunk:
                 raise ValueError(
@@ -357,17 +442,22 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 )
             return
         t_scale = self.vae_scale_factor_temporal
-        if num_frames < 1 or (num_frames - 1) % t_scale or ((num_frames - 1) // t_scale + 1) % chunk:
-            step = t_scale * chunk
-            first = t_scale * (chunk - 1) + 1
+        step, first = t_scale * chunk, t_scale * (chunk - 1) + 1
+        if (
+            not _is_int(num_frames)
+            or num_frames < 1
+            or (num_frames - 1) % t_scale
+            or ((num_frames - 1) // t_scale + 1) % chunk
+        ):
             raise ValueError(
-                f"`num_frames`={num_frames} does not split into whole chunks of {chunk} latent frames: use "
-                f"{first} + {step}·(chunks - 1) frames, e.g. {first}, {first + step}, {first + 2 * step} or "
+                f"`num_frames`={num_frames!r} does not split into whole chunks of {chunk} latent frames: use the "
+                f"integer {first} + {step}·(chunks - 1), e.g. {first}, {first + step}, {first + 2 * step} or "
                 f"{first + 6 * step}."
             )
         multiple = self.vae_scale_factor_spatial * max(patch_h, patch_w)
-        if height % multiple or width % multiple:
-            raise ValueError(f"`height` and `width` must be multiples of {multiple}, got {height}x{width}.")
+        for name, value in (("height", height), ("width", width)):
+            if not _is_int(value) or value < multiple or value % multiple:
+                raise ValueError(f"`{name}`={value!r} must be a positive multiple of {multiple}, e.g. 480 x 832.")
 
     def _check_step_noise(self, step_noise: dict, latents: torch.Tensor, num_chunks: int) -> None:
         num_draws = len(self.timesteps) - 1
@@ -583,6 +673,11 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     # ------------------------------------------------------------------ generation
 
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a ``callback_on_step_end`` to stop after the current chunk."""
+        return self._interrupt
+
     @torch.no_grad()
     def __call__(
         self,
@@ -591,12 +686,18 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         num_frames: int = 81,
         height: int = 480,
         width: int = 832,
+        num_videos_per_prompt: int = 1,
         latents: torch.Tensor | None = None,
         step_noise: Mapping[tuple[int, int], torch.Tensor] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         return_trajectory: bool = False,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, float, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> CausalWanPipelineOutput | tuple:
         r"""Generate videos chunk by chunk.
 
@@ -604,22 +705,49 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             prompt: text prompt(s); or pass ``prompt_embeds`` ``[B, text_tokens, text_dim]``.
             num_frames: pixel frames, ``9 + 12·(chunks - 1)`` for 3-frame chunks (81 = 7 chunks).
             height, width: pixel size, multiples of 16.
-            latents: initial noise ``[B, C, F, H, W]`` (channel-major, latent frames); its shape then sets the batch,
-                frames and size.
+            num_videos_per_prompt: videos generated for each prompt (the batch is ``B · num_videos_per_prompt``, the
+                videos of a prompt next to each other).
+            latents: initial noise ``[B · num_videos_per_prompt, C, F, H, W]`` (channel-major, latent frames); its
+                shape then sets the frames and size.
             step_noise: ``{(chunk_index, step_index): η}`` fixes re-noise draws (``η`` ``[B, C, f, H, W]``, step
                 ``0 .. T-2`` is the step whose x̂0 is re-noised); other draws come from ``generator``.
             generator: torch generator(s) for the noise.
             output_type: ``"np"``, ``"pt"``, ``"pil"`` or ``"latent"``.
             return_trajectory: also return every chunk's per-step inputs, x̂0 predictions and noise.
+            callback_on_step_end: as in diffusers' Wan pipelines, with a chunk as the step: called as
+                ``callback_on_step_end(pipe, chunk_index, timestep, callback_kwargs)`` after each chunk is denoised,
+                before it enters the KV cache (``timestep`` is the chunk's last sampler timestep). ``callback_kwargs``
+                holds the tensors named in ``callback_on_step_end_tensor_inputs``: ``"latents"`` is the latent video
+                ``[B, C, F, H, W]``, clean up to the current chunk and still the initial noise after it. A returned
+                ``"latents"`` replaces it: the current chunk is committed (cached and decoded) as returned and the later
+                chunks start from the returned noise. Setting ``pipe._interrupt = True`` stops after the current chunk
+                (the output then has the chunks generated so far).
+            callback_on_step_end_tensor_inputs: tensors passed to the callback (default ``["latents"]``; a
+                ``PipelineCallback`` brings its own ``tensor_inputs``).
 
         Returns:
             :class:`CausalWanPipelineOutput` or a tuple ``(frames,)`` / ``(frames, trajectory)``.
         """
-        self.check_inputs(prompt, prompt_embeds, num_frames, height, width, latents, output_type)
+        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+        self.check_inputs(
+            prompt,
+            prompt_embeds,
+            num_frames,
+            height,
+            width,
+            latents,
+            output_type,
+            num_videos_per_prompt,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._interrupt = False
         device = self._execution_device
         if prompt_embeds is None:
             prompt_embeds = self.encode_prompt(prompt, device=device)
-        prompt_embeds = prompt_embeds.to(device)
+        prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_videos_per_prompt, dim=0)
         if latents is None:
             shape = (prompt_embeds.shape[0], *self.latent_shape(num_frames, height, width))
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -633,14 +761,24 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         trajectory = []
         with self.progress_bar(total=num_chunks) as progress_bar:
             for c in range(num_chunks):
+                frames = slice(c * chunk, (c + 1) * chunk)
                 draws = [step_noise.get((c, s)) for s in range(len(self.timesteps) - 1)]
-                record = self.denoise_chunk(
-                    state, latents[:, :, c * chunk : (c + 1) * chunk], step_noise=draws, generator=generator
-                )
-                self.commit_chunk(state, record.latents, update_cache=c < num_chunks - 1, generator=generator)
+                record = self.denoise_chunk(state, latents[:, :, frames], step_noise=draws, generator=generator)
+                check_finite_latents(record.latents, f"chunk {c} of {num_chunks}")
+                chunk_latents = record.latents
+                if callback_on_step_end is not None:
+                    video = torch.cat([*state.chunks, chunk_latents, latents[:, :, frames.stop :]], dim=2)
+                    tensors = {"latents": video}
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    latents = callback_on_step_end(self, c, self.timesteps[-1], callback_kwargs).pop("latents", video)
+                    chunk_latents = latents[:, :, frames]
+                last = c == num_chunks - 1 or self.interrupt
+                self.commit_chunk(state, chunk_latents, update_cache=not last, generator=generator)
                 if return_trajectory:
                     trajectory.append(record)
                 progress_bar.update()
+                if self.interrupt:
+                    break
 
         video = state.latents if output_type == "latent" else self.decode(state.latents, output_type)
         self.maybe_free_model_hooks()
@@ -648,3 +786,9 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         if not return_dict:
             return (video, trajectory) if return_trajectory else (video,)
         return CausalWanPipelineOutput(frames=video, trajectory=trajectory)
+
+
+# `DiffusionPipeline.from_pretrained` looks up the `_class_name` of a saved pipeline's model_index.json in the diffusers
+# namespace: registering the class there lets it load a saved CausalWanPipeline once this module is imported.
+if not hasattr(diffusers, CausalWanPipeline.__name__):
+    setattr(diffusers, CausalWanPipeline.__name__, CausalWanPipeline)
