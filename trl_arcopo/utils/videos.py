@@ -73,7 +73,9 @@ def log_videos(
         prompt: the prompt of the videos (their caption).
         step: the training step they are logged at.
         report_to: tracker names; ``"wandb"`` and ``"trackio"`` get one ``samples/{i}`` video per file (an image when
-            the file is a PNG contact sheet), ``"tensorboard"`` gets the frames of each video as an image grid
+            the file is a PNG contact sheet) with ``train/global_step`` = ``step``, as transformers' callbacks log
+            (the run must be started, as the Trainer's callbacks do); ``"tensorboard"`` gets the frames of each video
+            as an image grid
             ``samples/{i}`` plus the prompt as text (TensorBoard's own ``add_video`` needs moviepy).
         tensorboard_writer: the ``SummaryWriter`` TensorBoard logs go to, e.g. the ``tb_writer`` of the trainer's
             ``transformers.integrations.TensorBoardCallback``; without it nothing is sent to TensorBoard.
@@ -92,7 +94,10 @@ def log_videos(
             except ImportError:
                 logger.warning("report_to includes %s but it is not installed: videos were only saved to disk.", name)
             else:
-                tracker.log(_tracker_media(tracker, paths, prompt), step=step)
+                # As transformers' WandbCallback / TrackioCallback log: the Trainer's step is a metric
+                # ("train/global_step", the x-axis they define), never the tracker's own `step=` (wandb drops data
+                # logged at a step below its counter, which the Trainer's own logs have already moved on).
+                tracker.log({**_tracker_media(tracker, paths, prompt), "train/global_step": step})
     if "tensorboard" in report_to:
         if tensorboard_writer is None:
             logger.warning(
