@@ -108,7 +108,7 @@ def test_accelerate_config_accepts_a_path(launched, tmp_path):
 
 def test_launch_errors(launched, monkeypatch, capsys):
     assert cli.main(["train", "--accelerate_config", "tpu_pod", "--preset", "tiny"]) == 2
-    assert "--accelerate_config 'tpu_pod' is neither a file nor one of ['deepspeed_zero2'" in _error_line(capsys)
+    assert "--accelerate_config 'tpu_pod' is neither a file nor one of ['fsdp2'" in _error_line(capsys)
     assert cli.main(["train", "--num_processes", "2", "--max_stepz", "3"]) == 2
     assert "unrecognized arguments ['--max_stepz', '3']" in _error_line(capsys)
     assert cli.main(["train", "--num_processes", "2", "stray"]) == 2
@@ -131,7 +131,7 @@ def test_without_accelerate_options_the_script_runs_in_process(monkeypatch, laun
 
 @pytest.mark.parametrize(
     ("name", "distributed_type"),
-    [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("fsdp2", "FSDP"), ("deepspeed_zero2", "DEEPSPEED")],
+    [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("fsdp2", "FSDP"), ("zero2", "DEEPSPEED")],
 )
 def test_shipped_accelerate_configs_load(name, distributed_type):
     config = load_config_from_file(str(cli.resolve_accelerate_config(name)))
@@ -139,7 +139,7 @@ def test_shipped_accelerate_configs_load(name, distributed_type):
     if name == "fsdp2":
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "WanTransformerBlock"
-    if name == "deepspeed_zero2":
+    if name == "zero2":
         assert config.deepspeed_config["zero_stage"] == 2
 
 
