@@ -173,6 +173,12 @@ def test_save_model_writes_a_diffusers_lora_and_card(tmp_path):
     loaded = fresh(**kwargs).frames
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=0)
     assert (loaded - base).abs().max() > 1e-5
+    bare = tiny_causal_wan_pipeline()  # diffusers' PEFT integration on the transformer alone reads the same file
+    bare.transformer.load_lora_adapter(
+        str(tmp_path / "final"), weight_name="pytorch_lora_weights.safetensors", prefix="transformer"
+    )
+    torch.manual_seed(0)
+    torch.testing.assert_close(bare(**kwargs).frames, expected, atol=1e-5, rtol=0)
 
 
 class _FakeHubApi:
