@@ -576,8 +576,17 @@ def test_model_given_as_a_path_and_sample_videos_logged(tmp_path):
     assert all(p.stat().st_size > 0 for p in samples)
 
 
-def test_evaluation_during_training_keeps_train_and_eval_metrics_apart(tmp_path):
-    args = _config(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1)
+def test_evaluation_during_training_keeps_train_and_eval_metrics_apart_and_loads_the_best(tmp_path):
+    args = _config(
+        tmp_path,
+        max_steps=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_reward",
+    )
     trainer = ARCoPOTrainer(
         tiny_causal_wan_pipeline(),
         "brightness",
@@ -591,6 +600,12 @@ def test_evaluation_during_training_keeps_train_and_eval_metrics_apart(tmp_path)
     assert len(evals) == 2 and len(trains) == 2
     assert all("ratio/mean" not in h and "eval_rewards/failed" in h for h in evals)
     assert "ratio/mean" in trains[0] and "reward" in trains[0]
+    # The best checkpoint is the published folder (not its staging copy), and its LoRA is what the model ends with.
+    best = 1 + max(range(2), key=lambda i: evals[i]["eval_reward"])
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{best}")
+    saved = load_file(tmp_path / f"checkpoint-{best}" / "pytorch_lora_weights.safetensors")
+    lora = {f"transformer.{k.replace('.on_policy', '')}": v for k, v in _lora(trainer).items()}
+    assert saved.keys() == lora.keys() and all(torch.equal(saved[k], lora[k]) for k in saved)
 
 
 # ---------------------------------------------------------------------------------------------- semi-on-policy

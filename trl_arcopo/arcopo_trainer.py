@@ -225,6 +225,7 @@ class ARCoPOTrainer(Trainer):
         self._skipped_groups = 0
         self._scored_groups = 0
         self._update_has_signal = False  # this process had a group to learn from in the current optimizer step
+        self._last_reward_error: str | None = None  # named when the skipped groups pass their ceiling
         super().__init__(
             model=transformer,
             args=args,
@@ -501,7 +502,7 @@ class ARCoPOTrainer(Trainer):
                 f"`max_skipped_group_fraction`={args.max_skipped_group_fraction:g}"
             )
         if reason is not None:
-            last = getattr(self, "_last_reward_error", None)
+            last = self._last_reward_error
             raise RewardFailure(
                 f"{reason}: the reward keeps failing{f' (last error: {last})' if last else ''}. Fix the reward, "
                 "then resume from the checkpoint saved now; or raise the ceiling."
@@ -825,11 +826,11 @@ class ARCoPOTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
-        best_step = self.state.best_global_step
-        if best_step and (
-            best_step == self.state.global_step or os.path.isdir(self._checkpoint_dir(run_dir, best_step))
+        best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+        if self.state.best_global_step and (
+            self.state.best_global_step == self.state.global_step or os.path.isdir(best)
         ):
-            self.state.best_model_checkpoint = self._checkpoint_dir(run_dir, best_step)
+            self.state.best_model_checkpoint = best  # the checkpoint being saved is published below
         with staged_checkpoint(run_dir, name, self.accelerator) as staged:
             self.save_model(staged, _internal_call=True)
             if not self.args.save_only_model:
@@ -857,10 +858,6 @@ class ARCoPOTrainer(Trainer):
                 use_mtime=True,
             )
 
-    @staticmethod
-    def _checkpoint_dir(run_dir: str, step: int) -> str:
-        return os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-
     def _save_trainer_state(self, checkpoint: str) -> None:
         """Rollout RNG, step counters and the buffered rollouts of this process (so a resume continues exactly)."""
         save_process_state(
@@ -881,6 +878,10 @@ class ARCoPOTrainer(Trainer):
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise ValueError(f"Checkpoint LoRA has keys the adapter does not: {unexpected[:10]}")
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the LoRA of the best checkpoint (the Trainer looks for full model weights)."""
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
