@@ -51,6 +51,7 @@ from .rewards import (
     reward_column_weights,
     reward_names,
 )
+from .rewards.registry import rename_weight_keys
 from .rollout import RolloutGroup, generate_group, rebuild_context, sample_pivot
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,9 @@ class ARCoPOTrainer(Trainer):
         if not self.reward_funcs:
             raise ValueError("`reward_funcs` is empty: pass at least one reward function.")
         self.reward_func_names = reward_names(self.reward_funcs)
+        if isinstance(args.reward_weights, dict):  # keys may name a reward as passed: "brightness", not its column
+            specs = reward_funcs if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+            args.reward_weights = rename_weight_keys(args.reward_weights, specs, self.reward_func_names)
         if args.training_mode == "semi_on_policy":
             train_dataset = self._load_replay_buffer(args, pipeline, train_dataset)
         self._check_against_pipeline(args, pipeline, train_dataset)
