@@ -113,10 +113,23 @@ def make_parser() -> ScriptParser:
     return ScriptParser((CollectArguments,), prog="trl-arcopo collect")
 
 
+def check_args(argv: list[str] | None = None) -> CollectArguments:
+    """`parse`, leaving the options it does not know to another parser (`trl-arcopo collect` checks the arguments
+    this way before it splits off the `accelerate launch` options)."""
+    (args,) = parse_with_preset(make_parser(), PRESETS, argv, partial=True)
+    _check(args)
+    return args
+
+
 def parse(argv: list[str] | None = None) -> CollectArguments:
     """Parse flags and `--config` on top of the requested preset's defaults and check them (before anything heavy
     is imported, so before the model loads); bad input exits with code 2."""
     (args,) = parse_with_preset(make_parser(), PRESETS, argv)
+    _check(args)
+    return args
+
+
+def _check(args: CollectArguments) -> None:
     if args.num_groups < 1:
         fail(f"--num_groups must be >= 1, got {args.num_groups}")
     if args.num_generations < 2:
@@ -131,7 +144,6 @@ def parse(argv: list[str] | None = None) -> CollectArguments:
         read_prompt_file(args.prompt_file)
     if args.push_to_hub and not args.hub_dataset_id:
         fail("--push_to_hub needs --hub_dataset_id (e.g. me/self-forcing-replay)")
-    return args
 
 
 @contextlib.contextmanager

@@ -100,7 +100,7 @@ def make_parser() -> ScriptParser:
 def check_args(argv: list[str] | None = None) -> ScriptArguments:
     """The checks that need no heavy import (the script's own options: preset, rewards, prompts), run before the
     `ARCoPOConfig` ones; bad input exits with code 2 within about a second. Returns the script's arguments."""
-    parser = ScriptParser(ScriptArguments, prog="trl-arcopo train")
+    parser = ScriptParser(ScriptArguments, prog="trl-arcopo train", add_help=False)  # `--help` is the full parser's
     (script_args,) = parse_with_preset(parser, PRESETS, argv, partial=True)
     check_reward_names(script_args.reward_funcs, "--reward_funcs")
     if script_args.prompt_file:

@@ -203,14 +203,14 @@ def check_reward_names(names: Sequence[str], flag: str) -> None:
             fail(f"{flag}: {error}")
 
 
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
     """A path rather than a Hub id `org/name` (which has exactly one `/` and no leading `.`, `/` or `~`)."""
     return source.startswith((".", "/", "~")) or source.count("/") != 1 or source.endswith(".safetensors")
 
 
 def is_missing_path(source: str) -> bool:
     """Whether `source` is a local path (not a Hub id `org/name`) that does not exist."""
-    return _looks_local(source) and not Path(source).expanduser().exists()
+    return looks_local(source) and not Path(source).expanduser().exists()
 
 
 def load_lora(pipe: CausalWanPipeline, source: str, *, adapter_name: str, argument: str) -> None:
@@ -221,7 +221,7 @@ def load_lora(pipe: CausalWanPipeline, source: str, *, adapter_name: str, argume
         fail(f"{argument}: no such file or folder (nor a Hub id org/name)")
     try:
         pipe.load_lora_weights(
-            str(Path(source).expanduser()) if _looks_local(source) else source, adapter_name=adapter_name
+            str(Path(source).expanduser()) if looks_local(source) else source, adapter_name=adapter_name
         )
     except (OSError, ValueError, RuntimeError) as error:  # not found, or a LoRA for another architecture
         fail(f"{argument}: {' '.join(str(error).strip().splitlines()[:2])}")  # a size mismatch lists every tensor
