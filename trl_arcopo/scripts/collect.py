@@ -286,10 +286,11 @@ def merge_shards(output_dir: str | os.PathLike) -> Dataset:
     if merged is not None:
         already = set(merged["group_index"])
         for path in _shard_dirs(output_dir):
-            if _shard_index(path) in already:
+            if _shard_index(path) in already:  # left by a merge killed while it deleted its shards
                 shutil.rmtree(path)
-    if merged is not None and not _shard_dirs(output_dir):
-        return merged
+        if not _shard_dirs(output_dir):
+            shutil.rmtree(output_dir / SHARDS_DIR, ignore_errors=True)
+            return merged
     parts = _collected(output_dir)
     if not parts:
         raise ValueError(f"{output_dir} holds no collected group.")
