@@ -410,7 +410,7 @@ def test_main_help(capsys):
             TOKEN,
             "--ssl_certfile /nonexistent/cert.pem: no such file.",
         ),
-        (["--reward", "brightness", "--max_queued_requests", "-1"], TOKEN, "--max_queued_requests must be >= 0"),
+        (["--reward", "brightness", "--max_concurrent_requests", "0"], TOKEN, "must be a positive int, got '0'"),
         (["--reward", "brightness", "--max_pay", "1"], TOKEN, "unrecognized arguments: --max_pay 1"),
     ],
 )
@@ -521,8 +521,9 @@ def test_a_frozen_server_is_reported_as_such():
             RemoteReward(url, TOKEN, timeout=(5, 0.5), max_retries=1)(["p"], VIDEO)
 
 
-def test_requests_past_the_limits_wait_unread_or_get_503(start_server, monkeypatch):
-    """`max_concurrent_requests` bodies at a time; `max_queued_requests` more wait unread; then 503 + Retry-After."""
+def test_requests_past_the_limit_get_503_with_retry_after(start_server, monkeypatch):
+    """At most `max_concurrent_requests` requests hold (and decode) a body; the next one is answered 503 with
+    `Retry-After` before its body is read, and `RemoteReward` waits that long before it retries."""
     entered, release = threading.Event(), threading.Event()
     decoded = []
 
@@ -537,23 +538,24 @@ def test_requests_past_the_limits_wait_unread_or_get_503(start_server, monkeypat
         return decode_score_request(body)
 
     monkeypatch.setattr(server_module, "decode_score_request", counting_decode)
-    url = start_server(blocking_reward, max_concurrent_requests=1, max_queued_requests=1)
+    url = start_server(blocking_reward, max_concurrent_requests=1)
     payload = encode_score_request(["p"], VIDEO)
     answers = []
     first = threading.Thread(target=lambda: answers.append(_post(url, payload).status_code))
     first.start()
     assert entered.wait(timeout=10)
-    second = threading.Thread(target=lambda: answers.append(_post(url, payload).status_code))
-    second.start()
-    time.sleep(0.5)  # the second one is queued, its body unread
     busy = _post(url, payload)
-    assert busy.status_code == 503 and int(busy.headers["Retry-After"]) >= 1
-    assert "1 request(s) being scored and 1 waiting" in busy.json()["detail"]
-    assert len(decoded) == 1  # only the request being scored was decoded
-    release.set()
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+    assert (
+        busy.json()["detail"] == "busy: 1 request(s) already being scored (`--max_concurrent_requests`); retry later."
+    )
+    assert len(decoded) == 1  # the refused body was not decoded
+    threading.Timer(0.5, release.set).start()
+    start = time.monotonic()
+    assert RemoteReward(url, TOKEN, max_retries=3, backoff_factor=0)(["p"], VIDEO) == [1.0]  # retried after 1 s
+    assert time.monotonic() - start >= 1
     first.join(timeout=10)
-    second.join(timeout=10)
-    assert answers == [200, 200] and len(decoded) == 2
+    assert answers == [200] and len(decoded) == 2
 
 
 def _read_answer(sock: socket.socket) -> bytes:
@@ -598,3 +600,37 @@ def test_stalled_bodies_oversized_headers_and_too_many_connections(start_server)
     assert requests.get(f"{url}/health", timeout=10).status_code == 503  # the 4th connection: `limit_concurrency`
     for session in sessions:
         session.close()
+
+
+def test_an_upload_may_take_longer_than_the_connect_timeout():
+    """A group of videos over a slow link: the body was sent with one `sendall`, which the connect timeout (10 s by
+    default) bounded as a whole; it is sent block by block, each under it."""
+    answer = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{"scores": [1]}'
+    received = []
+
+    def slow_server(listener: socket.socket) -> None:
+        connection, _ = listener.accept()
+        with connection:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += connection.recv(1)
+            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))[15:])
+            size = 0
+            while size < length:  # 256 KiB every 20 ms: about 1.3 s for 16 MiB
+                size += len(connection.recv(min(256 * 2**10, length - size)))
+                time.sleep(0.02)
+            received.append(size)
+            connection.sendall(answer)
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 2**10)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        thread = threading.Thread(target=slow_server, args=(listener,), daemon=True)
+        thread.start()
+        videos = torch.rand(4, 16, 3, 256, 256, generator=torch.Generator().manual_seed(0))  # 12 MiB in uint8
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        start = time.monotonic()
+        assert RemoteReward(url, TOKEN, timeout=(0.3, 30), max_retries=0)(["p"] * 4, videos) == [1]
+        thread.join(timeout=30)
+    assert received and received[0] > 12 * 2**20 and time.monotonic() - start > 0.3

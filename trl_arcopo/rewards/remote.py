@@ -20,6 +20,7 @@ it with float32 videos of the same structure (tensor or list) and answers ``{"sc
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -304,9 +305,14 @@ class RemoteReward:
             f"timeout={self.timeout}, max_retries={self.max_retries})"
         )
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    def _request(self, method: str, path: str, payload: bytes | None = None) -> dict[str, Any]:
         """Send one request; return the JSON answer or raise a :class:`RemoteRewardError` saying what to do."""
         url = f"{self.url}{path}"
+        kwargs = {}
+        if payload is not None:
+            # As a file, which urllib3 sends block by block (and rewinds to retry): `bytes` go in one `sendall`,
+            # whose timeout (the connect timeout) would bound the whole upload, seconds for a group of videos.
+            kwargs = {"data": io.BytesIO(payload), "headers": {"Content-Type": "application/octet-stream"}}
         try:
             response = self.session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.RequestException as error:
@@ -339,7 +345,7 @@ class RemoteReward:
                 f"`token=` or in the {TOKEN_ENV} environment variable."
             )
         elif status == 413:
-            size = len(kwargs.get("data") or b"") / 2**20
+            size = len(payload or b"") / 2**20
             message = (
                 f"the reward server at {url} refused a payload of {size:.1f} MiB as too large (413: {detail}). "
                 "Start the server with a larger `--max_payload_mb`, score smaller batches, or send "
@@ -350,7 +356,7 @@ class RemoteReward:
         elif status == 503:
             message = (
                 f"the reward server at {url} stayed busy through {self.max_retries} retries (503: {detail}). Raise "
-                "`max_retries`, or the server's `--max_concurrent_requests` / `--max_queued_requests`."
+                "`max_retries`, or the server's `--max_concurrent_requests`."
             )
         else:
             message = f"the reward server at {url} answered {status}: {detail}"
@@ -390,5 +396,5 @@ class RemoteReward:
             ``B`` scores, or ``{head: B scores}``; ``None`` where the served reward gave no finite score.
         """
         payload = encode_score_request(prompts, videos, self._sendable(kwargs), dtype=self.payload_dtype)
-        answer = self._request("POST", "/score", data=payload, headers={"Content-Type": "application/octet-stream"})
+        answer = self._request("POST", "/score", payload=payload)
         return answer["scores"] if "scores" in answer else answer["heads"]

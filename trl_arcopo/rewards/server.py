@@ -14,16 +14,16 @@ Endpoints (both require ``Authorization: Bearer <token>`` unless the server runs
 - ``POST /score`` with the safetensors body described in :mod:`trl_arcopo.rewards.remote` →
   ``{"scores": [...]}`` or ``{"heads": {name: [...]}}`` (``null`` for missing or non-finite scores).
   Errors: ``401`` missing or wrong token, ``413`` payload over the size limit, ``400`` malformed payload (the detail
-  names the problem), ``408`` the body stalled, ``503`` busy (with ``Retry-After``), ``500`` the reward raised or
-  returned malformed scores (the detail gives its message).
+  names the problem), ``408`` the body stalled, ``503`` busy (with ``Retry-After``, which ``RemoteReward`` waits
+  for before it retries), ``500`` the reward raised or returned malformed scores (the detail gives its message).
 
 What a client can cost the server is bounded: at most ``max_concurrent_requests`` requests hold a body (of at most
-``max_payload_bytes``) at a time, decoded in the payload's dtype (uint8 stays uint8); up to ``max_queued_requests``
-more wait with their body unread (the connection's flow control stops it), and past that the answer is ``503`` with
-``Retry-After``. Reward calls run one at a time (GPU models are not thread-safe) in a worker thread, which is where the
-videos become float32, so the server keeps answering (e.g. ``/health``) while a batch is scored. Connections must send
-their request head within ``timeout_keep_alive`` seconds (and their body without pausing ``body_timeout`` seconds),
-headers are at most 16 KiB, and uvicorn serves at most ``max_connections`` connections.
+``max_payload_bytes``) at a time, decoded in the payload's dtype (uint8 stays uint8); a request past them is answered
+``503`` with ``Retry-After`` at once, its body discarded as it arrives. Reward calls run one at a time (GPU models are
+not thread-safe) in a worker thread, which is where the videos become float32, so the server keeps answering (e.g.
+``/health``) while a batch is scored. Connections must send their request head within ``timeout_keep_alive`` seconds
+(and their body without pausing ``body_timeout`` seconds), an incomplete head is at most 16 KiB, and uvicorn serves at
+most ``max_connections`` connections.
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ logger = logging.getLogger(__name__)
 # payload dtype); 1200 MiB leaves 8% for the header and other sizes. float16 needs 2222 MiB: raise the limit.
 DEFAULT_MAX_PAYLOAD_MB = 1200
 DEFAULT_MAX_CONCURRENT_REQUESTS = 2  # one group scored while the next one arrives
-DEFAULT_MAX_QUEUED_REQUESTS = 16  # e.g. one per training process, bodies unread
 DEFAULT_MAX_CONNECTIONS = 64
 DEFAULT_TIMEOUT_KEEP_ALIVE = 5  # seconds
 DEFAULT_BODY_TIMEOUT = 60  # seconds without a byte of the body
@@ -166,7 +165,6 @@ def create_app(
     name: str | None = None,
     device: str | torch.device | None = None,
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
-    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> FastAPI:
     """The FastAPI app serving ``reward_fn`` (endpoints and limits in the module docstring).
@@ -182,9 +180,7 @@ def create_app(
         device: device the videos are moved to (in their payload dtype) before they become float32 and the reward is
             called (e.g. the reward model's GPU).
         max_concurrent_requests: ``/score`` requests that may hold a body at a time (being read, decoded, waiting
-            for or in the reward call).
-        max_queued_requests: further ``/score`` requests that may wait, body unread; past them, 503 with
-            ``Retry-After``.
+            for or in the reward call); past them, 503 with ``Retry-After``.
         body_timeout: seconds a request body may pause before the request is answered 408.
     """
     if not callable(reward_fn):
@@ -202,15 +198,13 @@ def create_app(
     ]:
         if not value > 0:
             raise ValueError(f"`{argument}` must be positive, got {value}.")
-    if max_queued_requests < 0:
-        raise ValueError(f"`max_queued_requests` must be >= 0, got {max_queued_requests}.")
     name = name or reward_name(reward_fn)
     expected = token.encode() if token is not None else None
     reward_lock = threading.Lock()
     slots = asyncio.Semaphore(max_concurrent_requests)
-    state: dict[str, Any] = {"heads": None, "queued": 0, "seconds": 1.0}  # seconds: of the last /score request
+    state: dict[str, Any] = {"heads": None, "seconds": 1.0}  # seconds: of the last /score request
 
-    def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+    async def authorize(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
         if expected is None:
             return
         if credentials is None:
@@ -255,19 +249,14 @@ def create_app(
 
     @app.post("/score")
     async def score(request: Request) -> dict[str, Any]:
-        if slots.locked() and state["queued"] >= max_queued_requests:
-            retry_after = math.ceil(state["seconds"] * (state["queued"] + 1) / max_concurrent_requests)
+        if slots.locked():  # answered before the body is read: uvicorn discards it as it arrives
             raise HTTPException(
                 503,
-                detail=f"busy: {max_concurrent_requests} request(s) being scored and {state['queued']} waiting "
-                "(`--max_concurrent_requests`, `--max_queued_requests`); retry later.",
-                headers={"Retry-After": str(max(1, retry_after))},
+                detail=f"busy: {max_concurrent_requests} request(s) already being scored "
+                "(`--max_concurrent_requests`); retry later.",
+                headers={"Retry-After": str(max(1, math.ceil(state["seconds"])))},
             )
-        state["queued"] += 1
-        try:
-            await slots.acquire()
-        finally:
-            state["queued"] -= 1
+        await slots.acquire()  # free: acquired at once
         try:
             started = time.monotonic()
             body = await _read_body(request, max_payload_bytes, body_timeout)
@@ -434,14 +423,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--max_concurrent_requests",
         type=_positive(int),
         default=DEFAULT_MAX_CONCURRENT_REQUESTS,
-        help="Requests holding a body at a time (default: %(default)s); the memory of the server is about this "
-        "times twice --max_payload_mb, plus the float32 copy of the one being scored.",
-    )
-    limits.add_argument(
-        "--max_queued_requests",
-        type=int,
-        default=DEFAULT_MAX_QUEUED_REQUESTS,
-        help="Requests waiting with their body unread (default: %(default)s); more get 503 with Retry-After.",
+        help="Requests holding a body at a time, more get 503 with Retry-After (default: %(default)s). The server's "
+        "memory is about this times twice the payload, plus the float32 copy of the one being scored.",
     )
     limits.add_argument(
         "--max_connections",
@@ -506,8 +489,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
             f"--no_auth on --host {args.host} lets anyone who can reach it use the server: set a token, listen on "
             "127.0.0.1, or add --allow_unauthenticated_remote on a trusted network."
         )
-    if args.max_queued_requests < 0:
-        parser.error(f"--max_queued_requests must be >= 0, got {args.max_queued_requests}.")
     if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
         parser.error("--ssl_certfile and --ssl_keyfile must be given together.")
     if args.ssl_certfile is not None:
@@ -579,7 +560,6 @@ def main(argv: list[str] | None = None) -> None:
         name=args.name,
         device=args.device,
         max_concurrent_requests=args.max_concurrent_requests,
-        max_queued_requests=args.max_queued_requests,
         body_timeout=args.body_timeout,
     )
     config = uvicorn_config(
