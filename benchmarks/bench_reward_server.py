@@ -3,13 +3,14 @@
 The server runs as its own process (`trl-arcopo-reward-server --reward brightness`, a cheap reward, so that the
 figures measure the server: receiving, decoding, the float32 copy, answering), with its default limits unless
 overridden. Each client sends the same uint8 payload (`RemoteReward`'s default wire format) of a group
-``[G, F, 3, H, W]`` and counts its answers; the server's peak RSS (``VmHWM``) is read from ``/proc`` (Linux).
+``[G, F, 3, H, W]`` through the HTTP session of a `RemoteReward` (its retries: a busy server's 503 is retried after
+its `Retry-After`) and counts its answers; the server's peak RSS (``VmHWM``) is read from ``/proc`` (Linux).
 
     python benchmarks/bench_reward_server.py                               # a real group: 12 x 81 x 480 x 832
     python benchmarks/bench_reward_server.py --clients 4 --requests 3 --height 240 --width 416
 
 Printed: the payload size, the server's RSS at rest and at its peak (and the peak over the payload size), the
-latency of each request (p50, p99, max) and the number of errors by kind. A real group needs about 1.1 GiB per
+latency of each request, retries included (p50, p99, max), the 503 answers that were retried and the errors. A real group needs about 1.1 GiB per
 client for its payload and about 9 x the payload in the server (the float32 copy and the reward's own temporaries):
 check `free -g` first.
 """
@@ -17,6 +18,7 @@ check `free -g` first.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -33,6 +35,8 @@ from pathlib import Path
 import requests
 import safetensors.torch
 import torch
+
+from trl_arcopo.rewards.remote import RemoteReward
 
 
 def _free_port() -> int:
@@ -92,18 +96,22 @@ def main() -> None:
 
         latencies: list[float] = []
         errors: Counter[str] = Counter()
+        retried = Counter()
         lock = threading.Lock()
 
         def client() -> None:
-            session = requests.Session()
+            session = RemoteReward(url, token, max_retries=10).session  # RemoteReward's retries and token
             for _ in range(args.requests):
                 start = time.perf_counter()
                 try:
-                    response = session.post(f"{url}/score", data=payload, headers=headers, timeout=(10, 1800))
+                    body = io.BytesIO(payload)  # sent block by block, as RemoteReward does
+                    response = session.post(f"{url}/score", data=body, timeout=(10, 1800))
                     outcome = "ok" if response.ok else f"HTTP {response.status_code}"
+                    history = response.raw.retries.history if response.raw.retries else ()
                 except requests.RequestException as error:
-                    outcome = type(error).__name__
+                    outcome, history = type(error).__name__, ()
                 with lock:
+                    retried.update(f"HTTP {entry.status}" for entry in history if entry.status)
                     if outcome == "ok":
                         latencies.append(time.perf_counter() - start)
                     else:
@@ -139,7 +147,7 @@ def main() -> None:
             f"latency p50 {statistics.median(latencies):.2f} s, p99 {p99:.2f} s, max {latencies[-1]:.2f} s "
             f"({len(latencies)} answered)"
         )
-    print(f"errors: {dict(errors) or 0}")
+    print(f"retried answers: {dict(retried) or 0}; errors: {dict(errors) or 0}")
 
 
 if __name__ == "__main__":
