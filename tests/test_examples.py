@@ -1,6 +1,7 @@
 """The generation script (`trl_arcopo.scripts.generate`, `examples/generate.py`): a base model plus LoRAs with
 scales, videos written to disk, one clear line for bad input."""
 
+import itertools
 import json
 import runpy
 import shutil
@@ -15,6 +16,7 @@ from peft.utils import get_peft_model_state_dict
 
 from trl_arcopo import CausalWanPipeline
 from trl_arcopo.scripts import generate
+from trl_arcopo.scripts.utils import check_video_size
 from trl_arcopo.testing import populate_hub_cache, tiny_causal_wan_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -144,3 +146,24 @@ def test_bad_input_is_one_line(capsys, tmp_path, argv, message):
         generate.main([*argv, "--output_dir", str(tmp_path)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_the_early_size_check_agrees_with_the_pipeline(capsys):
+    """The scripts check sizes before loading a preset's generator; the loaded pipeline's own check agrees."""
+    pipe = tiny_causal_wan_pipeline()
+    for num_frames, height in itertools.product(range(1, 90), (0, 16, 24, 32, 40, 48)):
+        try:
+            pipe.check_inputs(
+                prompt="a", prompt_embeds=None, num_frames=num_frames, height=height, width=32, latents=None,
+                output_type="pt",
+            )  # fmt: skip
+            accepted = height > 0  # the pipeline takes 0 as a multiple of 16
+        except ValueError:
+            accepted = False
+        try:
+            check_video_size(num_frames, height, 32)
+            early = True
+        except SystemExit:
+            early = False
+        assert early == accepted, (num_frames, height)
+    capsys.readouterr()

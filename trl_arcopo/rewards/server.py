@@ -54,7 +54,6 @@ try:
     from fastapi import Depends, FastAPI, HTTPException, Request
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import ClientDisconnect
     from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("The reward server needs fastapi and uvicorn: `pip install 'trl_arcopo[server]'`.") from error
@@ -143,8 +142,8 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
             message = await asyncio.wait_for(request.receive(), timeout)
         except asyncio.TimeoutError:
             raise HTTPException(408, detail=f"no part of the request body arrived for {timeout:g} s.") from None
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
+        if message["type"] == "http.disconnect":  # nobody reads the answer: a status for the access log
+            raise HTTPException(400, detail="the client disconnected before the end of the body.")
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
         if size > limit:
