@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -100,7 +101,7 @@ def main() -> None:
             print(f"{name:<16}  {measured[name][0]:12.4f}  {args.num_videos / measured[name][0]:8.2f}")
 
         print("remote            in_process_s  remote_s  remote/in_process  max_abs_score_diff")
-        token = "bench-token"
+        token = secrets.token_urlsafe(32)
         for name in args.remote:
             reward = rewards.get(name) or load(name, args, hub_cache)
             local_s, local = measured.get(name) or timed(reward, prompts, videos, args.repeats)

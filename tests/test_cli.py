@@ -1,6 +1,7 @@
 """The `trl-arcopo` console script: dispatch, help, accelerate relaunching and clear errors."""
 
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -122,11 +123,13 @@ def test_launch_errors(launched, monkeypatch, capsys):
     assert cli.main(["train", "--num_processes", "1"]) == 3  # the launched script's own exit code
 
 
-def test_without_accelerate_options_the_script_runs_in_process(monkeypatch, launched):
+def test_without_accelerate_options_the_script_runs_in_process(monkeypatch, launched, tmp_path):
     calls = []
     monkeypatch.setattr(train, "main", calls.append)
-    assert cli.main(["train", "--config", "run.yaml", "--max_steps", "1"]) == 0
-    assert calls == [["--config", "run.yaml", "--max_steps", "1"]] and launched == []
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 2\n")
+    assert cli.main(["train", "--config", str(config), "--max_steps", "1"]) == 0
+    assert calls == [["--config", str(config), "--max_steps", "1"]] and launched == []
 
 
 @pytest.mark.parametrize(
@@ -146,3 +149,84 @@ def test_shipped_accelerate_configs_load(name, distributed_type):
 def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "trl_arcopo.cli", "nope"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("trl-arcopo: error: unknown command 'nope'")
+
+
+# Runs `trl-arcopo` on each argv of sys.argv[1] (JSON) in one process: the exit code, the stderr lines and the heavy
+# modules imported so far, per case.
+_EARLY_CHECKS = """
+import contextlib, io, json, sys
+from trl_arcopo import cli
+
+results = []
+for argv in json.loads(sys.argv[1]):
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit:
+            code = exit.code
+    heavy = [m for m in ("torch", "diffusers", "datasets", "peft", "accelerate") if m in sys.modules]
+    results.append({"code": code, "stderr": stderr.getvalue().strip().splitlines(), "heavy": heavy})
+print(json.dumps(results))
+"""
+
+
+def test_bad_input_fails_in_one_line_before_the_heavy_imports(tmp_path):
+    """Every command checks what it can before importing torch, diffusers or datasets (seconds): one line, exit 2."""
+    adapters = ["--adapter", f"semi={tmp_path}", "--adapter", f"on_policy={tmp_path}"]
+    cases = {
+        (
+            "train",
+            "--reward_funcs",
+            "brightnes",
+        ): "--reward_funcs: Unknown reward 'brightnes'. Did you mean 'brightness'?",
+        ("train", "--prompt_file", "/nonexistent/prompts.txt"): "--prompt_file /nonexistent/prompts.txt is not a",
+        ("train", "--preset", "huge", "--max_steps", "2"): "unknown --preset 'huge'",
+        ("collect", "--num_generations", "1"): "--num_generations must be >= 2",
+        ("collect", "--noise_sigma", "0"): "--noise_sigma must be in (0, 1]",
+        ("collect", "--noise_sigma", "5"): "--noise_sigma must be in (0, 1] (the paper uses 0.5), got 5.0",
+        ("collect", "--num_frames", "10"): "--num_frames 10 does not split into whole chunks of the generator: use "
+        "9 + 12·k frames, e.g. 9, 21, 81",
+        ("collect", "--height", "40"): "--height 40 is not a multiple of 16: use 32 or 48",
+        ("generate", "--height", "0"): "--height must be >= 1, got 0",
+        ("generate", "--fps", "0"): "--fps must be >= 1, got 0",
+        ("generate", "--num_frames", "22"): "--num_frames 22 does not split into whole chunks",
+        ("generate", "--lora", "/nonexistent/lora"): "--lora /nonexistent/lora: no such file or folder",
+        ("generate", "--num_fr", "9"): "unrecognized arguments: --num_fr 9",
+        ("merge", "--preset", "tiny", "--adapter", "a=/nonexistent"): "--adapter a=/nonexistent: no such file",
+        ("sweep", "--preset", "tiny", *adapters, "--in_domain", "brightnes", "--out_of_domain", "sharpness"): (
+            "--in_domain: Unknown reward 'brightnes'. Did you mean 'brightness'?"
+        ),
+    }
+    argvs = [list(argv) for argv in cases]
+    result = subprocess.run(
+        [sys.executable, "-c", _EARLY_CHECKS, json.dumps(argvs)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for (argv, message), outcome in zip(cases.items(), json.loads(result.stdout), strict=True):
+        assert outcome["code"] == 2 and len(outcome["stderr"]) == 1, (argv, outcome)
+        assert message in outcome["stderr"][0], (argv, outcome)
+        assert outcome["heavy"] == [], (argv, outcome)
+
+
+def test_abbreviations_are_refused_in_one_line(capsys):
+    """`--lr` was taken as an ambiguous abbreviation, after 150 lines of usage; it is now an unknown option."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse(["--lr", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and lines == [
+        "error: unrecognized arguments: --lr 1 (`--help` lists the valid ones)"
+    ]
+    assert cli.main(["--vers"]) == 2  # nor for the top-level options
+    assert "unknown command '--vers'" in _error_line(capsys)
+
+
+def test_negative_numbers_in_scientific_notation_are_values(capsys):
+    """`--learning_rate -1e-3` said "expected one argument": `-1e-3` looked like an option."""
+    namespace, unknown = train.make_parser().parse_known_args(
+        ["--learning_rate", "-1e-3", "--pivot_weights", "-1", "-2e-1"]
+    )
+    assert namespace.learning_rate == -1e-3 and namespace.pivot_weights == [-1.0, -0.2] and unknown == []
+    with pytest.raises(SystemExit) as exit_info:  # then the config's own check names the field
+        train.parse(["--beta", "-1e-3"])
+    assert exit_info.value.code == 2 and "`beta` (-0.001) must be a finite number >= 0" in capsys.readouterr().err

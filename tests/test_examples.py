@@ -1,7 +1,10 @@
 """The generation script (`trl_arcopo.scripts.generate`, `examples/generate.py`): a base model plus LoRAs with
 scales, videos written to disk, one clear line for bad input."""
 
+import itertools
+import json
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from peft.utils import get_peft_model_state_dict
 
 from trl_arcopo import CausalWanPipeline
 from trl_arcopo.scripts import generate
+from trl_arcopo.scripts.utils import check_video_size
 from trl_arcopo.testing import populate_hub_cache, tiny_causal_wan_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -94,7 +98,8 @@ def test_generate_writes_one_video_per_prompt_and_seed(tmp_path, lora_dir, capsy
     paths = generate.main([*argv, "--seed", "3", "--output_dir", str(tmp_path / "videos")])
     assert [p.stem for p in paths] == ["video_000", "video_001", "video_002", "video_003"]
     assert all(p.parent == tmp_path / "videos" and p.stat().st_size > 0 for p in paths)
-    out = capsys.readouterr().out.splitlines()
+    lora_line, *out = capsys.readouterr().out.splitlines()
+    assert lora_line == f"LoRA {lora_dir} loaded as adapter lora_0 at scale 0.5"
     assert [line.rsplit(", ", 2)[1:] for line in out] == [
         ["seed 3", "'a cat'"],
         ["seed 4", "'a cat'"],
@@ -102,6 +107,19 @@ def test_generate_writes_one_video_per_prompt_and_seed(tmp_path, lora_dir, capsy
         ["seed 6", "'a dog'"],
     ]
     assert "9 frames of 32x32" in out[0]
+
+
+def test_the_size_defaults_to_the_one_the_lora_was_trained_at(tmp_path, lora_dir, capsys):
+    trained = tmp_path / "trained-lora"
+    shutil.copytree(lora_dir, trained)
+    (trained / "training_args.json").write_text(json.dumps({"num_frames": 9, "height": 32, "width": 48}))
+    assert generate.trained_size(str(trained)) == (9, 32, 48) and generate.trained_size(str(lora_dir)) is None
+    (path,) = generate.main(["--lora", str(trained), "--output_dir", str(tmp_path / "videos")])
+    out = capsys.readouterr().out
+    assert f"default size 9 frames of 48x32: the one {trained} was trained at" in out
+    assert f"{path}: 9 frames of 48x32, seed 0" in out
+    generate.main(["--lora", str(trained), "--num_frames", "21", "--output_dir", str(tmp_path / "videos")])
+    assert "21 frames of 48x32" in capsys.readouterr().out  # flags win
 
 
 def test_the_example_script_runs_the_demo(tmp_path, monkeypatch, capsys):
@@ -117,7 +135,10 @@ def test_the_example_script_runs_the_demo(tmp_path, monkeypatch, capsys):
         (["--lora", "/nonexistent/lora"], "/nonexistent/lora"),
         (["--prompt_file", "/nonexistent/prompts.txt"], "--prompt_file /nonexistent/prompts.txt is not a readable"),
         (["--num_videos_per_prompt", "0"], "--num_videos_per_prompt must be >= 1"),
-        (["--num_frames", "10"], "num_frames"),
+        (["--num_frames", "10"], "--num_frames 10 does not split into whole chunks of the generator: use 9 + 12·k"),
+        (["--height", "0"], "--height must be >= 1, got 0"),  # was the preset's height, silently
+        (["--width", "40"], "--width 40 is not a multiple of 16: use 32 or 48"),
+        (["--fps", "0"], "--fps must be >= 1, got 0"),  # was 16 fps, silently
     ],
 )
 def test_bad_input_is_one_line(capsys, tmp_path, argv, message):
@@ -125,3 +146,24 @@ def test_bad_input_is_one_line(capsys, tmp_path, argv, message):
         generate.main([*argv, "--output_dir", str(tmp_path)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_the_early_size_check_agrees_with_the_pipeline(capsys):
+    """The scripts check sizes before loading a preset's generator; the loaded pipeline's own check agrees."""
+    pipe = tiny_causal_wan_pipeline()
+    for num_frames, height in itertools.product(range(1, 90), (0, 16, 24, 32, 40, 48)):
+        try:
+            pipe.check_inputs(
+                prompt="a", prompt_embeds=None, num_frames=num_frames, height=height, width=32, latents=None,
+                output_type="pt",
+            )  # fmt: skip
+            accepted = height > 0  # the pipeline takes 0 as a multiple of 16
+        except ValueError:
+            accepted = False
+        try:
+            check_video_size(num_frames, height, 32)
+            early = True
+        except SystemExit:
+            early = False
+        assert early == accepted, (num_frames, height)
+    capsys.readouterr()

@@ -25,11 +25,12 @@ from trl_arcopo.replay import (
     record_rewards,
     record_to_group,
     replay_features,
+    settings_digest,
     validate_replay_buffer,
 )
 from trl_arcopo.rewards import brightness_reward, registry
 from trl_arcopo.rollout import generate_group, sample_pivot
-from trl_arcopo.scripts import collect
+from trl_arcopo.scripts import collect, train
 from trl_arcopo.testing import populate_hub_cache, tiny_causal_wan_pipeline
 
 PROMPTS = ["a red car", "a blue sea", "a cat"]
@@ -348,3 +349,84 @@ def test_bad_buffers_and_records_raise_clear_errors(pipe, buffer, tmp_path):
         collect_replay_buffer(
             pipe, PROMPTS, lambda p, v: [math.inf] * len(p), num_groups=1, progress_bar=False, **SIZE
         )
+
+
+def _with_settings(buffer: Dataset, edit) -> Dataset:
+    return buffer.map(lambda row: {"settings": json.dumps(edit(json.loads(row["settings"])))})
+
+
+def test_edited_settings_are_refused_by_their_digest(buffer, tmp_path, capsys):
+    """A buffer's settings carry the sha256 of their canonical JSON: editing them (to pass `check_buffer_settings`)
+    no longer trains on groups that were generated otherwise."""
+    (stored,) = buffer_settings(buffer)
+    assert "sha256" not in stored and json.loads(buffer[0]["settings"])["sha256"] == settings_digest(stored)
+    edited = _with_settings(buffer, lambda settings: {**settings, "noise_sigma": 0.25})
+    with pytest.raises(ValueError, match="settings were edited after the collection"):
+        buffer_settings(edited)
+    undigested = _with_settings(buffer, lambda settings: {k: v for k, v in settings.items() if k != "sha256"})
+    with pytest.raises(ValueError, match="carry no digest: it was collected by an older trl_arcopo"):
+        buffer_settings(undigested)
+    # The trainer refuses it in one line.
+    edited.save_to_disk(tmp_path / "edited")
+    argv = ["--training_mode", "semi_on_policy", "--replay_dataset", str(tmp_path / "edited"), "--max_steps", "1"]
+    argv += ["--reward_funcs", "brightness", "--output_dir", str(tmp_path / "out"), *_size_flags()]
+    with pytest.raises(SystemExit) as info:
+        train.main(argv)
+    assert info.value.code == 2 and "settings were edited after the collection" in capsys.readouterr().err
+
+
+def _size_flags() -> list[str]:
+    return [f"--{key}={value}" for key, value in SIZE.items()]
+
+
+def test_empty_or_missing_buffers_are_clear_errors(buffer, tmp_path):
+    buffer.select([]).save_to_disk(tmp_path / "empty")  # datasets' load_from_disk raised an IndexError
+    with pytest.raises(ValueError, match="Replay buffer '.*empty' holds no rollout group"):
+        load_replay_buffer(tmp_path / "empty")
+    buffer.select([]).to_parquet(tmp_path / "empty-parquet" / "train.parquet")
+    with pytest.raises(ValueError, match="empty-parquet' holds no readable rollout group"):
+        load_replay_buffer(tmp_path / "empty-parquet")
+    # huggingface_hub said "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
+    with pytest.raises(
+        ValueError, match="the folder /nonexistent/buffer does not exist; for a Hub dataset use org/name"
+    ):
+        load_replay_buffer("/nonexistent/buffer")
+    with pytest.raises(ValueError, match="'me/not-cached' is neither an existing folder nor a Hub dataset that could"):
+        load_replay_buffer("me/not-cached", cache_dir=tmp_path / "hub")  # HF_HUB_OFFLINE=1
+
+
+def test_collection_checks_its_arguments(pipe):
+    for kwargs, message in [
+        ({"num_generations": 1}, "`num_generations` must be >= 2"),
+        ({"noise_sigma": 0.0}, r"`noise_sigma` must be in \(0, 1\]"),
+        ({"noise_sigma": 5.0}, r"`noise_sigma` must be in \(0, 1\]"),
+        ({"height": 40}, "multiples of 16"),
+        ({"num_frames": 10}, "does not split into whole chunks"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            collect_replay_buffer(
+                pipe, PROMPTS, brightness_reward, num_groups=1, progress_bar=False, **{**SIZE, **kwargs}
+            )
+
+
+def test_a_rerun_repairs_shards_left_by_a_merge_killed_while_deleting_them(tmp_path):
+    """kill -9 between the merge and the deletion of its shards left every rerun failing ("holds some groups twice")."""
+    output = tmp_path / "buffer"
+    argv = ["--output_dir", str(output), "--num_groups", "3", "--num_generations", "4"]
+    merged = collect.main(argv)
+    for index in (0, 2):  # the shards the killed merge had not deleted yet
+        merged.select([index]).save_to_disk(output / "shards" / f"group-{index:06d}")
+    repaired = collect.main(argv)
+    _assert_same_rows(repaired, merged)
+    assert not (output / "shards").exists()
+
+
+def test_two_collections_into_one_folder_are_refused(tmp_path, capsys):
+    output = tmp_path / "buffer"
+    argv = ["--output_dir", str(output), "--num_groups", "1", "--num_generations", "4"]
+    with collect.collection_lock(output):  # another collection runs (here: this process)
+        with pytest.raises(SystemExit) as info:
+            collect.main(argv)
+    error = capsys.readouterr().err
+    assert info.value.code == 2 and f"{output} is already being collected into by pid {os.getpid()} on " in error
+    assert len(collect.main(argv)) == 1  # released

@@ -1,5 +1,6 @@
 """Reward registry: short names, Hub ids and URLs resolved by `load_reward`; `register_reward`; lazy imports."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,11 +60,16 @@ def test_available_rewards() -> None:
 
 
 def test_builtin_names() -> None:
+    assert set(registry_module._BUILTIN_NAMES) == set(BUILTIN_REWARDS)  # registered without importing them
     for name, func in BUILTIN_REWARDS.items():
         assert load_reward(name) is func
         assert load_reward(f"{name}_reward") is func
-    with pytest.raises(ValueError, match="'brightness' takes no options, got \\['device'\\]"):
-        load_reward("brightness", device="cpu")
+    # `device` and `dtype` fit every reward (e.g. `trl-arcopo-reward-server --device`): a built-in ignores them.
+    assert load_reward("brightness", device="cpu", dtype=torch.bfloat16) is BUILTIN_REWARDS["brightness"]
+    with pytest.raises(
+        ValueError, match=r"'brightness' takes no options other than \['device', 'dtype'\].*\['revision'\]"
+    ):
+        load_reward("brightness", revision="main")
 
 
 def test_clip_names_and_repo_ids(clip_cache: Path) -> None:
@@ -123,6 +129,36 @@ def test_remote_name_and_urls() -> None:
     assert rewards.RemoteReward is remote.RemoteReward
 
 
+@pytest.mark.parametrize(
+    ("name", "suggestion"),
+    [
+        ("brightnes", "Did you mean 'brightness'?"),
+        ("brightness_rewards", "Did you mean 'brightness'?"),
+        ("videoalgn", "Did you mean 'videoalign'?"),
+        ("KwaiVGI/VideoRewards", "Did you mean 'KwaiVGI/VideoReward'?"),
+    ],
+)
+def test_unknown_names_suggest_close_ones(name, suggestion) -> None:
+    for check in (load_reward, registry_module.check_reward_name):
+        with pytest.raises(ValueError, match=re.escape(f"Unknown reward '{name}'. {suggestion} Known names: ['aes")):
+            check(name)
+    registry_module.check_reward_name("KwaiVGI/VideoReward")  # known: nothing raised, nothing loaded
+    registry_module.check_reward_name("http://127.0.0.1:8008")
+
+
+def test_weight_keys_may_name_rewards_as_passed() -> None:
+    """`reward_weights={"brightness": 2}` with `reward_funcs=["brightness"]`, whose column is `brightness_reward`."""
+    specs = ["brightness", "KwaiVGI/VideoReward", reward_name]
+    names = ["brightness_reward", "videoalign", "reward_name"]
+    weights = {"brightness": 2.0, "KwaiVGI/VideoReward:VQ": 1.0, "videoalign:MQ": 0.5, "reward_name": 3.0}
+    assert registry_module.rename_weight_keys(weights, specs, names) == {
+        "brightness_reward": 2.0,
+        "videoalign:VQ": 1.0,
+        "videoalign:MQ": 0.5,
+        "reward_name": 3.0,
+    }
+
+
 def test_unknown_names_raise() -> None:
     for unknown in ("hpsv3", "org/unknown-model"):
         with pytest.raises(
@@ -175,11 +211,12 @@ def test_register_reward_rejects_bad_arguments(name, loader, repo_ids, match: st
 
 
 def test_importing_rewards_is_light() -> None:
-    """Model-backed rewards are imported on first access only."""
+    """Every reward is imported on first access only: checking a name imports neither torch nor transformers."""
     code = (
-        "import sys, trl_arcopo.rewards as r; "
-        "heavy = [m for m in sys.modules if m.startswith(('transformers', 'trl_arcopo.rewards.clip', "
-        "'trl_arcopo.rewards.videoalign', 'trl_arcopo.rewards.remote'))]; "
+        "import sys, trl_arcopo.rewards as r, trl_arcopo.rewards.registry as registry; "
+        "registry.check_reward_name('brightness'); "
+        "heavy = [m for m in sys.modules if m.startswith(('torch', 'transformers', 'trl_arcopo.rewards.clip', "
+        "'trl_arcopo.rewards.videoalign', 'trl_arcopo.rewards.remote', 'trl_arcopo.rewards.builtin'))]; "
         "assert not heavy, heavy; "
         "assert r.PickScoreReward.__module__ == 'trl_arcopo.rewards.clip'"
     )

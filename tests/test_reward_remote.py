@@ -1,13 +1,13 @@
 """Remote rewards: the real `trl-arcopo-reward-server` app under uvicorn on 127.0.0.1, scored by `RemoteReward`."""
 
 import contextlib
+import functools
 import json
 import logging
 import math
-import sys
+import socket
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -20,12 +20,14 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from trl_arcopo.rewards import RewardFunctionError, brightness_reward, compute_rewards, reward_name
+from trl_arcopo.rewards import server as server_module
 from trl_arcopo.rewards.remote import (
     TOKEN_ENV,
     RemoteReward,
     RemoteRewardError,
     decode_score_request,
     encode_score_request,
+    videos_to_float,
 )
 from trl_arcopo.rewards.server import create_app, main, serve_in_background
 
@@ -35,12 +37,14 @@ PROMPTS = ["a cat", "a dog", "a boat"]
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., str]]:
-    """``start_server(reward_fn, **create_app_kwargs) -> url``; every server is stopped at the end of the test."""
+    """``start_server(reward_fn, **create_app_and_server_options) -> url``; every server is stopped at the end of the
+    test."""
     with contextlib.ExitStack() as stack:
 
         def start(reward_fn: Callable, **kwargs) -> str:
             kwargs.setdefault("token", TOKEN)
-            return stack.enter_context(serve_in_background(create_app(reward_fn, **kwargs)))
+            options = {key: kwargs.pop(key) for key in ("timeout_keep_alive", "max_connections") if key in kwargs}
+            return stack.enter_context(serve_in_background(create_app(reward_fn, **kwargs), **options))
 
         yield start
 
@@ -152,8 +156,13 @@ def test_wire_format_round_trip(videos):
     )
     assert prompts == PROMPTS[:2] and kwargs == {"fps": [16, 8]}
     assert isinstance(decoded, list) and all(d.equal(c) for d, c in zip(decoded, clips, strict=True))
+    # The server keeps the payload's dtype (uint8 by default) until the reward needs floats.
     _, decoded, kwargs = decode_score_request(encode_score_request(PROMPTS, videos))
-    assert kwargs == {} and decoded.dtype == torch.float32 and decoded.equal(videos.half().float())
+    assert kwargs == {} and decoded.dtype == torch.uint8
+    assert decoded.equal((videos * 255).round().to(torch.uint8))
+    assert videos_to_float(decoded).equal(decoded.float() / 255) and videos_to_float(decoded).dtype == torch.float32
+    _, decoded, _ = decode_score_request(encode_score_request(PROMPTS, videos, dtype=torch.float16))
+    assert decoded.dtype == torch.float16 and videos_to_float(decoded).equal(videos.half().float())
 
 
 def test_reward_calls_are_serialised_and_off_the_event_loop(start_server, videos):
@@ -231,7 +240,7 @@ def test_oversized_payload_is_413(brightness_url):
 def test_server_down_retries_then_clear_error(start_server, videos, monkeypatch):
     url = start_server(brightness_reward)
     remote = RemoteReward(url, TOKEN, max_retries=3, backoff_factor=0.01)
-    assert remote(PROMPTS, videos) == brightness_reward(PROMPTS, videos.half().float())
+    assert remote(PROMPTS, videos) == brightness_reward(PROMPTS, (videos * 255).round() / 255)  # uint8 by default
 
     with serve_in_background(create_app(brightness_reward, token=TOKEN)) as stopped_url:
         pass  # a port where a server ran and stopped: connections are refused
@@ -267,7 +276,7 @@ def test_retries_only_gateway_errors(start_server, status, calls):
         return JSONResponse({"detail": f"status {status}"}, status_code=status)
 
     with serve_in_background(app) as url:
-        with pytest.raises(RemoteRewardError, match=f"answered {status}: status {status}") as info:
+        with pytest.raises(RemoteRewardError, match=f"{status}: status {status}") as info:
             RemoteReward(url, TOKEN, max_retries=3, backoff_factor=0)(["p"], torch.rand(1, 1, 3, 2, 2))
     assert info.value.status_code == status and count[0] == calls
 
@@ -351,8 +360,9 @@ def test_client_checks_input_before_sending(videos):
         RemoteReward("127.0.0.1:8008")
     with pytest.raises(ValueError, match="`payload_dtype` must be one of"):
         RemoteReward("http://127.0.0.1:8008", payload_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="`token` must be a non-empty string"):
-        create_app(brightness_reward, token="")
+    for short in ("", "short-token"):
+        with pytest.raises(ValueError, match="`token` must be a string of at least 16 characters"):
+            create_app(brightness_reward, token=short)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -389,56 +399,80 @@ def test_main_help(capsys):
         (["--reward", "brightness"], None, f"no token: pass --token or set {TOKEN_ENV}"),
         (["--reward", "brightness", "--no_auth"], TOKEN, "--no_auth was given together with a token"),
         (["--reward", "brightness", "--reward_kwargs", "[1]"], TOKEN, "must be a JSON object"),
-        (["--reward", "brightness", "--max_payload_mb", "0"], TOKEN, "--max_payload_mb must be positive"),
+        (["--reward", "brightness", "--max_payload_mb", "0"], TOKEN, "--max_payload_mb: must be a positive float"),
+        (["--reward", "brightness"], "short-token", "the token has 11 characters: use at least 16"),
+        (["--reward", "brightness", "--token", "0123456789"], None, "the token has 10 characters"),
+        (["--reward", "brightness", "--no_auth", "--host", "0.0.0.0"], None, "--no_auth on --host 0.0.0.0 lets"),
+        (["--reward", "brightnes"], TOKEN, "--reward: Unknown reward 'brightnes'. Did you mean 'brightness'?"),
+        (["--reward", "brightness", "--port", "70000"], TOKEN, "a port is a number from 1 to 65535, got '70000'"),
+        (
+            ["--reward", "brightness", "--ssl_certfile", "/nonexistent/cert.pem", "--ssl_keyfile", "/nonexistent/k"],
+            TOKEN,
+            "--ssl_certfile /nonexistent/cert.pem: no such file.",
+        ),
+        (["--reward", "brightness", "--max_concurrent_requests", "0"], TOKEN, "must be a positive int, got '0'"),
+        (["--reward", "brightness", "--max_pay", "1"], TOKEN, "unrecognized arguments: --max_pay 1"),
     ],
 )
-def test_main_refuses_bad_setups(monkeypatch, capsys, argv, env, message):
+def test_main_refuses_bad_setups_in_one_line(monkeypatch, capsys, argv, env, message):
     if env is None:
         monkeypatch.delenv(TOKEN_ENV, raising=False)
     else:
         monkeypatch.setenv(TOKEN_ENV, env)
     with pytest.raises(SystemExit) as info:
         main(argv)
-    assert info.value.code == 2 and message in capsys.readouterr().err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
 
 
-def test_main_serves_the_loaded_reward(monkeypatch, caplog, videos):
-    """`main` wiring: loader arguments, token, payload limit, uvicorn settings (registry and uvicorn.run stubbed)."""
-    loaded, runs = [], []
-    registry = types.ModuleType("trl_arcopo.rewards.registry")
-    registry.load_reward = lambda name, **kwargs: loaded.append((name, kwargs)) or brightness_reward
-    monkeypatch.setitem(sys.modules, "trl_arcopo.rewards.registry", registry)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: runs.append((app, kwargs)))
+def test_start_up_failures_are_one_line(tmp_path, free_port, monkeypatch, capsys):
+    """A model that is not in the (offline) cache and a busy port were tracebacks."""
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
-
-    main(
-        [
-            "--reward",
-            "brightness",
-            "--reward_kwargs",
-            '{"revision": "v1"}',
-            "--device",
-            "cpu",
-            "--dtype",
-            "bfloat16",
-            "--port",
-            "8123",
-            "--max_payload_mb",
-            "0.0625",
-            "--name",
-            "bright",
-        ]
+    cache = json.dumps({"cache_dir": str(tmp_path / "empty-cache")})  # HF_HUB_OFFLINE=1
+    argv = ["--reward", "pickscore", "--reward_kwargs", cache, "--port", str(free_port)]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert (
+        info.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: cannot load the reward 'pickscore'")
     )
-    assert loaded == [("brightness", {"revision": "v1", "device": "cpu", "dtype": torch.bfloat16})]
-    ((app, kwargs),) = runs
-    assert kwargs == {
-        "host": "127.0.0.1",
-        "port": 8123,
-        "log_level": "info",
-        "ssl_certfile": None,
-        "ssl_keyfile": None,
-    }
-    with serve_in_background(app) as url:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", free_port))
+        busy.listen()
+        with pytest.raises(SystemExit) as info:
+            main(["--reward", "brightness", "--port", str(free_port)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and lines == [
+        f"error: cannot listen on 127.0.0.1:{free_port}: [Errno 98] Address already in use"
+    ]
+
+
+def _configured_by_main(argv: list[str]) -> uvicorn.Config:
+    """The uvicorn config `main(argv)` serves (`uvicorn.Server.run` replaced; the socket `main` bound is closed)."""
+    configs = []
+
+    def run(server, sockets=None):
+        configs.append(server.config)
+        for sock in sockets or []:
+            sock.close()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(uvicorn.Server, "run", run)
+        main(argv)
+    (config,) = configs
+    return config
+
+
+def test_main_serves_the_loaded_reward(monkeypatch, caplog, videos, free_port):
+    """`main` wiring: the real registry (a built-in takes `--device` and `--dtype`), token, limits, uvicorn settings."""
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    config = _configured_by_main(
+        ["--reward", "brightness", "--device", "cpu", "--dtype", "bfloat16", "--port", str(free_port)]
+        + ["--max_payload_mb", "0.0625", "--name", "bright", "--timeout_keep_alive", "3", "--max_connections", "9"]
+    )
+    assert (config.host, config.port, config.ssl_certfile, config.log_level) == ("127.0.0.1", free_port, None, "info")
+    assert (config.timeout_keep_alive, config.limit_concurrency, config.h11_max_incomplete_event_size) == (3, 9, 16384)
+    with serve_in_background(config.app) as url:
         remote = RemoteReward(url, TOKEN, payload_dtype=torch.float32)
         assert remote(PROMPTS, videos) == brightness_reward(PROMPTS, videos)
         assert remote.health()["name"] == "bright"
@@ -449,7 +483,154 @@ def test_main_serves_the_loaded_reward(monkeypatch, caplog, videos):
 
     monkeypatch.delenv(TOKEN_ENV)
     with caplog.at_level(logging.WARNING, logger="trl_arcopo.rewards.server"):
-        main(["--reward", "brightness", "--no_auth", "--host", "0.0.0.0"])
+        argv = ["--reward", "brightness", "--no_auth", "--host", "0.0.0.0", "--allow_unauthenticated_remote"]
+        config = _configured_by_main([*argv, "--port", str(free_port)])
     assert "Authentication is disabled (--no_auth)" in caplog.text and "plain HTTP" in caplog.text
-    with serve_in_background(runs[-1][0]) as url:
+    with serve_in_background(config.app) as url:
         assert RemoteReward(url).health()["name"] == "brightness_reward"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Abuse: what one client can cost the server
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_deeply_nested_json_is_400(brightness_url):
+    nested = "[" * 10_000 + "]" * 10_000
+    for metadata, entry in [({"prompts": nested}, "prompts"), ({"kwargs": '{"a": ' + nested + "}"}, "kwargs")]:
+        response = _post(brightness_url, _payload({"videos": VIDEO}, metadata))
+        assert response.status_code == 400, response.text  # was 500 with a RecursionError traceback
+        assert (
+            response.json()["detail"]
+            == f"malformed payload: the payload metadata entry `{entry}` is nested too deeply."
+        )
+    deep = json.loads("[" * 500 + "]" * 500)
+    with pytest.raises(ValueError, match="must be JSON-serialisable"):
+        encode_score_request(["p"], VIDEO, {"a": functools.reduce(lambda x, _: [x], range(5000), deep)})
+
+
+def test_a_frozen_server_is_reported_as_such():
+    """A server that accepts the request but never answers: the read timeout, not "could not reach"."""
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen()  # connections complete in the backlog; nothing ever answers
+        url = f"http://127.0.0.1:{frozen.getsockname()[1]}"
+        with pytest.raises(
+            RemoteRewardError, match=r"did not answer within 0\.5 s \(the read timeout\): it is frozen"
+        ):
+            RemoteReward(url, TOKEN, timeout=(5, 0.5), max_retries=1)(["p"], VIDEO)
+
+
+def test_requests_past_the_limit_get_503_with_retry_after(start_server, monkeypatch):
+    """At most `max_concurrent_requests` requests hold (and decode) a body; the next one is answered 503 with
+    `Retry-After` before its body is read, and `RemoteReward` waits that long before it retries."""
+    entered, release = threading.Event(), threading.Event()
+    decoded = []
+
+    def blocking_reward(prompts, videos, **kwargs):
+        assert videos.dtype == torch.float32  # uint8 on the wire, float32 for the reward only
+        entered.set()
+        release.wait(timeout=20)
+        return [1.0] * len(prompts)
+
+    def counting_decode(body):
+        decoded.append(len(body))
+        return decode_score_request(body)
+
+    monkeypatch.setattr(server_module, "decode_score_request", counting_decode)
+    url = start_server(blocking_reward, max_concurrent_requests=1)
+    payload = encode_score_request(["p"], VIDEO)
+    answers = []
+    first = threading.Thread(target=lambda: answers.append(_post(url, payload).status_code))
+    first.start()
+    assert entered.wait(timeout=10)
+    busy = _post(url, payload)
+    assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+    assert (
+        busy.json()["detail"] == "busy: 1 request(s) already being scored (`--max_concurrent_requests`); retry later."
+    )
+    assert len(decoded) == 1  # the refused body was not decoded
+    threading.Timer(0.5, release.set).start()
+    start = time.monotonic()
+    assert RemoteReward(url, TOKEN, max_retries=3, backoff_factor=0)(["p"], VIDEO) == [1.0]  # retried after 1 s
+    assert time.monotonic() - start >= 1
+    first.join(timeout=10)
+    assert answers == [200] and len(decoded) == 2
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_half_open_connections_are_closed(start_server):
+    """40 connections that send nothing or an incomplete head were kept open forever; they are closed after
+    `timeout_keep_alive` seconds, and the server keeps serving."""
+    url = start_server(brightness_reward, timeout_keep_alive=0.5, max_connections=100)
+    address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    connections = [socket.create_connection(address) for _ in range(40)]
+    for sock in connections[::2]:
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")  # the head never completes
+    start = time.monotonic()
+    assert all(_read_answer(sock) == b"" for sock in connections)  # closed by the server
+    assert time.monotonic() - start < 5
+    for sock in connections:
+        sock.close()
+    assert RemoteReward(url, TOKEN).health()["name"] == "brightness_reward"
+
+
+def test_stalled_bodies_oversized_headers_and_too_many_connections(start_server):
+    url = start_server(brightness_reward, body_timeout=0.5, max_connections=4)
+    address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    head = f"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 1000\r\n\r\n"
+    with socket.create_connection(address) as sock:
+        sock.sendall(head.encode() + b"x" * 10)  # then nothing
+        answer = _read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"no part of the request body arrived for 0.5 s" in answer
+    with socket.create_connection(address) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 32 * 2**10)  # still incomplete
+        assert _read_answer(sock).startswith(b"HTTP/1.1 400 ")  # over the 16 KiB limit of an incomplete head
+    sessions = [requests.Session() for _ in range(3)]  # each keeps its connection open
+    for session in sessions:
+        assert session.get(f"{url}/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).ok
+    assert requests.get(f"{url}/health", timeout=10).status_code == 503  # the 4th connection: `limit_concurrency`
+    for session in sessions:
+        session.close()
+
+
+def test_an_upload_may_take_longer_than_the_connect_timeout():
+    """A group of videos over a slow link: the body was sent with one `sendall`, which the connect timeout (10 s by
+    default) bounded as a whole; it is sent block by block, each under it."""
+    answer = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{"scores": [1]}'
+    received = []
+
+    def slow_server(listener: socket.socket) -> None:
+        connection, _ = listener.accept()
+        with connection:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += connection.recv(1)
+            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))[15:])
+            size = 0
+            while size < length:  # 256 KiB every 20 ms: about 1.3 s for 16 MiB
+                size += len(connection.recv(min(256 * 2**10, length - size)))
+                time.sleep(0.02)
+            received.append(size)
+            connection.sendall(answer)
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 2**10)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        thread = threading.Thread(target=slow_server, args=(listener,), daemon=True)
+        thread.start()
+        videos = torch.rand(4, 16, 3, 256, 256, generator=torch.Generator().manual_seed(0))  # 12 MiB in uint8
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        start = time.monotonic()
+        assert RemoteReward(url, TOKEN, timeout=(0.3, 30), max_retries=0)(["p"] * 4, videos) == [1]
+        thread.join(timeout=30)
+    assert received and received[0] > 12 * 2**20 and time.monotonic() - start > 0.3

@@ -198,7 +198,7 @@ def _exit_line(capsys, argv: list[str]) -> str:
         (["--model", "/nonexistent/pipeline"], "cannot load --model /nonexistent/pipeline: "),
         (["--model_init_kwargs", '{"dtype": "bfloat16"}'], "--model_init_kwargs is not read by this script"),
         (
-            ["--training_mode", "semi_on_policy", "--replay_dataset", "buffer", "--prompt_file", "prompts.txt"],
+            ["--training_mode", "semi_on_policy", "--replay_dataset", "buffer", "--dataset_name", "me/prompts"],
             "semi_on_policy trains on the prompts of the replay buffer --replay_dataset: remove --prompt_file",
         ),
         (["--training_mode", "semi_on_policy", "--replay_dataset", "/nonexistent/buffer"], "/nonexistent/buffer"),
@@ -229,3 +229,22 @@ def test_missing_real_model_is_one_line_without_traceback(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(errors) == 1 and "cannot load the self-forcing generator (gdhe17/Self-Forcing" in errors[0]
+
+
+def test_reward_weights_may_name_the_rewards_as_passed():
+    """`--reward_funcs brightness --reward_weights '{"brightness": 2}'` was refused: the column is brightness_reward."""
+    from trl_arcopo import ARCoPOTrainer
+    from trl_arcopo.testing import tiny_causal_wan_pipeline
+
+    argv = [
+        "--reward_funcs",
+        "brightness",
+        "sharpness",
+        "--reward_weights",
+        '{"brightness": 2, "sharpness_reward": 1}',
+    ]
+    script_args, config = train.parse([*argv, "--output_dir", "unused", "--max_steps", "1"])
+    prompts = Dataset.from_dict({"prompt": ["a cat"]})
+    trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), script_args.reward_funcs, args=config, train_dataset=prompts)
+    assert trainer.reward_func_names == ["brightness_reward", "sharpness_reward"]
+    assert trainer.args.reward_weights == {"brightness_reward": 2.0, "sharpness_reward": 1.0}

@@ -7,6 +7,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .utils.redact import redact_secrets
+
 # Allowed values of the string-valued options (the first one is the default).
 _PIVOT_STRATEGIES = ("uniform", "fixed", "weighted")
 _EXPLORATIONS = ("fork", "sde")
@@ -523,6 +525,16 @@ class ARCoPOConfig(TrainingArguments):
         default=16,
         metadata={"help": "Frame rate of the logged videos."},
     )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The arguments as a dict with every secret redacted (`hub_token`, a `token` in `model_init_kwargs`, ...):
+        what `training_args.json`, the trackers' configs and `repr` show."""
+        return redact_secrets(super().to_dict())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+    __str__ = __repr__
 
     def __post_init__(self):
         # Resolve `bf16` before TrainingArguments validates it against the device.

@@ -53,6 +53,7 @@ from .rewards import (
     reward_column_weights,
     reward_names,
 )
+from .rewards.registry import rename_weight_keys
 from .rollout import RolloutGroup, generate_group, rebuild_context, sample_pivot
 
 logger = logging.getLogger(__name__)
@@ -184,6 +185,9 @@ class ARCoPOTrainer(Trainer):
         self.reward_func_names = reward_names(self.reward_funcs)
         _check_dataset_type("train_dataset", train_dataset)
         _check_dataset_type("eval_dataset", eval_dataset)
+        if isinstance(args.reward_weights, dict):  # keys may name a reward as passed: "brightness", not its column
+            specs = reward_funcs if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+            args.reward_weights = rename_weight_keys(args.reward_weights, specs, self.reward_func_names)
         if args.training_mode == "semi_on_policy":
             train_dataset = self._load_replay_buffer(args, pipeline, train_dataset)
         else:

@@ -7,7 +7,8 @@
 
 Every script module exposes `make_parser()` and `main(argv: list[str] | None = None)`. `train` and `collect` also
 accept `accelerate launch` options (like TRL's `trl sft`): with any of them the script is re-launched through
-accelerate's own launch command, without them it runs in this process.
+accelerate's own launch command, without them it runs in this process. Their modules also expose `check_args(argv)`,
+the checks that need no heavy import, run first so that bad input fails within a second.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from . import __version__
+from .utils.arguments import ArgumentParser
 
 # The accelerate configs `--accelerate_config NAME` refers to (`single_gpu`, `multi_gpu`, `fsdp2`, `zero2`).
 ACCELERATE_CONFIGS_DIR = Path(__file__).resolve().parent / "accelerate_configs"
@@ -62,7 +64,7 @@ def _error(message: str) -> int:
 
 
 def _help_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="trl-arcopo",
         description="Align streaming autoregressive video generators with AR-CoPO.",
         epilog="`trl-arcopo <command> --help` prints the options of a command.",
@@ -124,6 +126,7 @@ def launch(module: ModuleType, launch_args: list[str], script_args: list[str]) -
             return _error(str(error))
         launch_args = [*launch_args[:index], "--config_file", str(config_file), *launch_args[index + 2 :]]
     parser = launch_command_parser()
+    parser.allow_abbrev = False  # `--num_proc` is not `--num_processes`
     namespace, unknown = parser.parse_known_args([*launch_args, "--module", module.__name__, *script_args])
     if namespace.training_script != module.__name__:  # a stray value was taken for the script to launch
         unknown.append(namespace.training_script)
@@ -155,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"`trl-arcopo {name}` needs the package {error.name!r}, which is not installed")
     wants_help = "-h" in rest or "--help" in rest
     if command.launchable and not wants_help:
+        module.check_args(rest)  # one-line errors before the imports of the parser and of accelerate
         launch_args, script_args = split_launch_args(module.make_parser(), rest)
         if launch_args:
             return launch(module, launch_args, script_args)

@@ -17,7 +17,8 @@ Columns (``chunk`` = ``[C, f, H, W]``, the latent shape of one chunk; ``G`` cand
 - ``predictions``: ``[T·G, *chunk]`` the reference policy's x̂0 of every step and candidate, step-major;
 - ``rewards``: one ``[G]`` float64 list per reward column, named as :func:`~trl_arcopo.rewards.compute_rewards`
   names them (``name``, or ``name:head`` for rewards with heads);
-- ``settings``: the generation settings as a JSON string (see :func:`generation_settings`).
+- ``settings``: the generation settings as a JSON string (see :func:`generation_settings`), with their
+  ``sha256`` digest (:func:`settings_digest`): a buffer whose settings were edited after collection is refused.
 
 Storage choices: tensors are ``datasets`` ``Array5D`` features (fixed chunk shapes, a variable number of prefix
 chunks), so a buffer is a plain Arrow/Parquet dataset: ``save_to_disk`` / ``load_from_disk``, ``push_to_hub`` /
@@ -29,6 +30,7 @@ the dataset description, and a per-row copy lets buffers merged from several col
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,12 +42,15 @@ import numpy as np
 import torch
 from datasets import Array5D, Dataset, Features, IterableDataset, List, Value, load_dataset, load_from_disk
 from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from tqdm.auto import tqdm
 
 from .pipelines.causal_wan import CausalWanPipeline, pipeline_model_id
 from .pipelines.sampler import few_step_schedule, renoise
 from .rewards import compute_rewards, is_column_of
 from .rollout import RolloutGroup, generate_group, sample_pivot
+from .utils.redact import redact_secrets
 
 __all__ = [
     "MATCHED_SETTINGS",
@@ -60,6 +65,7 @@ __all__ = [
     "record_to_group",
     "replay_features",
     "select_reward_columns",
+    "settings_digest",
     "validate_replay_buffer",
 ]
 
@@ -96,7 +102,8 @@ MATCHED_SETTINGS = (
 # Unknown on one side (an in-memory pipeline has no id, a loaded one no revision): compared only when both are known.
 _OPTIONAL_SETTINGS = ("model_id", "revision")
 _STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the settings carry their digest
+_DIGEST_KEY = "sha256"
 
 
 def generation_settings(
@@ -151,6 +158,14 @@ def generation_settings(
         "sink_size": config.sink_size,
         "storage_dtype": str(storage_dtype).removeprefix("torch."),
     }
+
+
+def settings_digest(settings: Mapping[str, Any]) -> str:
+    """The sha256 (hex) of the canonical JSON of ``settings`` (sorted keys, no spaces; its own ``sha256`` entry left
+    out): stored with a buffer's settings, it shows whether they were edited after the collection."""
+    canonical = {key: value for key, value in settings.items() if key != _DIGEST_KEY}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def check_buffer_settings(buffer_settings: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
@@ -270,8 +285,15 @@ def group_to_record(
         "step_noise": _encode(step_noise.flatten(0, 1), storage),
         "predictions": _encode(group.predictions.flatten(0, 1), storage),
         "rewards": scores,
-        "settings": json.dumps(dict(settings)),
+        "settings": _settings_json(settings),
     }
+
+
+def _settings_json(settings: Mapping[str, Any]) -> str:
+    """The stored form of ``settings``: JSON with their digest, secrets redacted (they hold none, but a ``model_id``
+    is free text)."""
+    settings = redact_secrets(json.loads(json.dumps(dict(settings))))  # tuples become lists, as when read back
+    return json.dumps({**settings, _DIGEST_KEY: settings_digest(settings)})
 
 
 def record_to_group(
@@ -396,6 +418,19 @@ def collect_replay_buffer(
         raise ValueError("`prompts` must be a non-empty list of strings.")
     if num_groups < 1:
         raise ValueError(f"`num_groups` must be >= 1, got {num_groups}.")
+    if num_generations < 2:
+        raise ValueError(f"`num_generations` must be >= 2 (a group compares its candidates), got {num_generations}.")
+    if not 0 < noise_sigma <= 1:
+        raise ValueError(f"`noise_sigma` must be in (0, 1] (the paper uses 0.5), got {noise_sigma}.")
+    pipeline.check_inputs(
+        prompt=prompts[0],
+        prompt_embeds=None,
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        latents=None,
+        output_type="latent",
+    )
     settings = generation_settings(
         pipeline,
         num_generations=num_generations,
@@ -414,10 +449,6 @@ def collect_replay_buffer(
     )
     latent_shape = tuple(settings["latent_shape"])
     chunk = pipeline.config.num_frame_per_block
-    if latent_shape[1] % chunk:
-        raise ValueError(
-            f"`num_frames`={num_frames} gives {latent_shape[1]} latent frames, not a multiple of the chunk size {chunk}."
-        )
     records, columns = [], None
     indices = range(first_group_index, first_group_index + num_groups)
     with pipeline.adapters_disabled():
@@ -487,22 +518,61 @@ def load_replay_buffer(
     path = Path(path_or_repo_id)
     source = f"Replay buffer {str(path_or_repo_id)!r}"
     if (path / "state.json").is_file():
+        if not json.loads((path / "state.json").read_text()).get("_data_files"):  # load_from_disk: IndexError
+            raise ValueError(f"{source} holds no rollout group: collect some before training on it.")
         dataset = load_from_disk(str(path))
         if streaming:
             dataset = dataset.to_iterable_dataset()
     elif path.exists():
-        dataset = load_dataset(str(path), split=split, streaming=streaming)
-    elif streaming:
-        dataset = load_dataset(str(path_or_repo_id), split=split, revision=revision, streaming=True, token=token)
+        try:
+            dataset = load_dataset(str(path), split=split, streaming=streaming)
+        except ValueError as error:  # e.g. "Instruction 'train' corresponds to no data" for an empty folder
+            raise ValueError(f"{source} holds no readable rollout group: {error}") from None
     else:
-        local = snapshot_download(
-            str(path_or_repo_id), repo_type="dataset", revision=revision, cache_dir=cache_dir, token=token
-        )
-        dataset = load_dataset(local, split=split)
+        try:
+            validate_repo_id(str(path_or_repo_id))
+        except HFValidationError:
+            raise ValueError(f"{source}: the folder {path} does not exist; for a Hub dataset use org/name.") from None
+        try:
+            if streaming:
+                dataset = load_dataset(
+                    str(path_or_repo_id), split=split, revision=revision, streaming=True, token=token
+                )
+            else:
+                local = snapshot_download(
+                    str(path_or_repo_id), repo_type="dataset", revision=revision, cache_dir=cache_dir, token=token
+                )
+                dataset = load_dataset(local, split=split)
+        except OSError as error:  # not found locally nor on the Hub (or offline)
+            raise ValueError(
+                f"{source} is neither an existing folder nor a Hub dataset that could be fetched "
+                f"({' '.join(str(error).split()[:40])})."
+            ) from None
     validate_replay_buffer(dataset, source)
     return dataset if streaming else dataset.with_format("numpy", dtype=None)
 
 
 def buffer_settings(dataset: Dataset) -> list[dict[str, Any]]:
-    """The distinct generation settings of a buffer's rows (one entry unless collections were merged)."""
-    return [json.loads(text) for text in dataset.unique("settings")]
+    """The distinct generation settings of a buffer's rows (one entry unless collections were merged), each checked
+    against its stored digest (see :func:`settings_digest`) and returned without it.
+
+    Raises:
+        ValueError: settings without a digest (an older buffer) or that do not match it (edited after collection).
+    """
+    settings = []
+    for text in dataset.unique("settings"):
+        stored = json.loads(text)
+        digest = stored.pop(_DIGEST_KEY, None)
+        if digest is None:
+            raise ValueError(
+                f"The replay buffer's settings (format {stored.get('format_version')}) carry no digest: it was "
+                "collected by an older trl_arcopo. Collect it again with `trl-arcopo collect`."
+            )
+        if digest != settings_digest(stored):
+            raise ValueError(
+                "The replay buffer's settings were edited after the collection (they no longer match their sha256 "
+                "digest), so its groups were not generated with them. Collect a buffer with the settings you need "
+                "(`trl-arcopo collect`) instead of editing them."
+            )
+        settings.append(stored)
+    return settings

@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from .rewards.clip import AestheticHead
+from .scripts.utils import TINY_TRAINING_ARGS as TINY_TRAINING_ARGS  # re-exported: the base of the trainer tests
 
 _SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in the umT5 tokenizer
 
@@ -227,22 +228,6 @@ def populate_hub_cache(
     ref.parent.mkdir(parents=True, exist_ok=True)
     ref.write_text(commit)
     return snapshot
-
-
-# ARCoPOConfig settings that make AR-CoPO learn on `tiny_causal_wan_pipeline` (2 chunks of 32x32 pixels): the tiny
-# preset of the examples and the base of the trainer tests.
-TINY_TRAINING_ARGS: dict[str, Any] = {
-    "num_frames": 21,
-    "height": 32,
-    "width": 32,
-    "num_generations": 8,
-    "num_anchors": 4,
-    "lora_r": 8,
-    "lora_alpha": 16,
-    "learning_rate": 1e-2,
-    "lr_scheduler_type": "constant",
-    "report_to": "none",
-}
 
 
 def tiny_causal_wan_pipeline(seed: int = 0, **overrides: Any):

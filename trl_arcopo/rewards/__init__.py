@@ -1,8 +1,8 @@
 """Video rewards: the reward protocol (call convention, validation, collection), model-free built-in rewards, CLIP
 rewards and the registry resolving reward names, Hub ids and reward-server URLs (:func:`load_reward`).
 
-The model-backed rewards (``PickScoreReward``, ``CLIPScoreReward``, ``AestheticReward``, ``VideoAlignReward``) and
-``RemoteReward`` are imported on first access, so importing this package does not import transformers.
+Every name is imported on first access, so importing this package (e.g. to check a reward name on the command line)
+imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -10,36 +10,52 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .builtin import (
-    BUILTIN_REWARDS,
-    brightness_reward,
-    colorfulness_reward,
-    sharpness_reward,
-    temporal_flicker_reward,
-)
-from .protocol import (
-    RewardFunctionError,
-    RewardOutputError,
-    compute_rewards,
-    is_column_of,
-    normalize_reward_output,
-    reward_column_weights,
-    reward_name,
-    reward_names,
-    validate_videos,
-)
-from .registry import available_rewards, load_reward, register_reward
-
 if TYPE_CHECKING:
+    from .builtin import (
+        BUILTIN_REWARDS,
+        brightness_reward,
+        colorfulness_reward,
+        sharpness_reward,
+        temporal_flicker_reward,
+    )
     from .clip import AestheticReward, CLIPScoreReward, PickScoreReward
+    from .protocol import (
+        RewardFunctionError,
+        RewardOutputError,
+        compute_rewards,
+        is_column_of,
+        normalize_reward_output,
+        reward_column_weights,
+        reward_name,
+        reward_names,
+        validate_videos,
+    )
+    from .registry import available_rewards, load_reward, register_reward
     from .remote import RemoteReward, RemoteRewardError
     from .videoalign import VideoAlignReward
 
-# Public names defined in modules imported on first access.
+# Public names and the module that defines each.
 _LAZY_EXPORTS = {
+    "BUILTIN_REWARDS": ".builtin",
+    "brightness_reward": ".builtin",
+    "colorfulness_reward": ".builtin",
+    "sharpness_reward": ".builtin",
+    "temporal_flicker_reward": ".builtin",
     "AestheticReward": ".clip",
     "CLIPScoreReward": ".clip",
     "PickScoreReward": ".clip",
+    "RewardFunctionError": ".protocol",
+    "RewardOutputError": ".protocol",
+    "compute_rewards": ".protocol",
+    "is_column_of": ".protocol",
+    "normalize_reward_output": ".protocol",
+    "reward_column_weights": ".protocol",
+    "reward_name": ".protocol",
+    "reward_names": ".protocol",
+    "validate_videos": ".protocol",
+    "available_rewards": ".registry",
+    "load_reward": ".registry",
+    "register_reward": ".registry",
     "RemoteReward": ".remote",
     "RemoteRewardError": ".remote",
     "VideoAlignReward": ".videoalign",

@@ -8,21 +8,26 @@
 
 Known names: the built-in rewards (``temporal_flicker``, ``colorfulness``, ``brightness``, ``sharpness``, also with
 a ``_reward`` suffix), ``videoalign``, ``pickscore``, ``clipscore``, ``aesthetic`` and ``remote``. Add your own with
-:func:`register_reward`. Nothing here turns ``trust_remote_code`` on.
+:func:`register_reward`. Nothing here turns ``trust_remote_code`` on, and nothing is imported before a reward is
+loaded: :func:`check_reward_name` checks a name without torch.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .builtin import BUILTIN_REWARDS
-
-__all__ = ["available_rewards", "load_reward", "register_reward"]
+__all__ = ["available_rewards", "check_reward_name", "load_reward", "register_reward", "rename_weight_keys"]
 
 _URL_PREFIXES = ("http://", "https://")
+# The keys of `.builtin.BUILTIN_REWARDS`, registered without importing torch (a test keeps them in sync).
+_BUILTIN_NAMES = ("temporal_flicker", "colorfulness", "brightness", "sharpness")
+# Options of the model rewards that a built-in accepts and ignores (it has no weights and computes on the device of
+# its videos), so that e.g. `trl-arcopo-reward-server --device` works with every reward.
+_BUILTIN_OPTIONS = ("device", "dtype")
 
 # name -> loader; a loader is called as `loader(**kwargs)` for its name, `loader(repo_id, **kwargs)` for one of its
 # Hub ids and `loader(url, **kwargs)` for "remote" given a URL.
@@ -75,6 +80,37 @@ def available_rewards() -> list[str]:
     return sorted(_LOADERS)
 
 
+def _resolve(name_or_repo_id: str) -> tuple[Callable[..., Callable], tuple[str, ...]]:
+    """The loader of ``name_or_repo_id`` and the positional arguments it gets."""
+    if not isinstance(name_or_repo_id, str):
+        raise ValueError(
+            f"`name_or_repo_id` must be a string, got {type(name_or_repo_id).__name__}; "
+            "pass a reward callable to the trainer directly instead."
+        )
+    if name_or_repo_id.startswith(_URL_PREFIXES):
+        return _LOADERS["remote"], (name_or_repo_id,)
+    if name_or_repo_id in _REPO_IDS:
+        return _LOADERS[_REPO_IDS[name_or_repo_id]], (name_or_repo_id,)
+    name = name_or_repo_id
+    if name not in _LOADERS and name.removesuffix("_reward") in _BUILTIN_NAMES:
+        name = name.removesuffix("_reward")
+    if name not in _LOADERS:
+        close = difflib.get_close_matches(name.removesuffix("_reward"), [*_LOADERS, *_REPO_IDS], n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(repr(match) for match in close)}?" if close else ""
+        raise ValueError(
+            f"Unknown reward {name_or_repo_id!r}.{hint} Known names: {available_rewards()}; known Hub ids: "
+            f"{sorted(_REPO_IDS)}; or an http(s):// reward-server URL. Register another one with "
+            "`trl_arcopo.rewards.register_reward(name, loader)`, or pass a callable reward directly."
+        )
+    return _LOADERS[name], ()
+
+
+def check_reward_name(name_or_repo_id: str) -> None:
+    """Raise the ``ValueError`` of :func:`load_reward` (with its "did you mean") if ``name_or_repo_id`` is neither a
+    registered name, a registered Hub id nor a URL; loads and imports nothing (for checking command lines early)."""
+    _resolve(name_or_repo_id)
+
+
 def load_reward(name_or_repo_id: str, **kwargs: Any) -> Callable:
     """Build a reward from a short name, a known Hub id or a reward-server URL.
 
@@ -83,40 +119,51 @@ def load_reward(name_or_repo_id: str, **kwargs: Any) -> Callable:
             id registered with one of them (e.g. ``"KwaiVGI/VideoReward"``, loaded from that repo) or an
             ``http(s)://`` URL of a ``trl-arcopo-reward-server`` (a ``RemoteReward``).
         **kwargs: passed to the reward's loader (e.g. ``device``, ``dtype``, ``revision``, ``cache_dir`` for model
-            rewards; ``token`` for remote ones). Built-in rewards take none.
+            rewards; ``token`` for remote ones). Built-in rewards accept ``device`` and ``dtype`` and ignore them
+            (they have no weights and compute in float32 on the device of the videos).
 
     Returns:
         A reward callable ``reward(prompts, videos, **kwargs)``.
 
     Raises:
-        ValueError: an unknown name (the message lists the known ones), or options given to a built-in reward.
+        ValueError: an unknown name (the message suggests close names and lists the known ones), or options a
+            built-in reward does not take.
     """
-    if not isinstance(name_or_repo_id, str):
-        raise ValueError(
-            f"`name_or_repo_id` must be a string, got {type(name_or_repo_id).__name__}; "
-            "pass a reward callable to the trainer directly instead."
-        )
-    if name_or_repo_id.startswith(_URL_PREFIXES):
-        return _LOADERS["remote"](name_or_repo_id, **kwargs)
-    if name_or_repo_id in _REPO_IDS:
-        return _LOADERS[_REPO_IDS[name_or_repo_id]](name_or_repo_id, **kwargs)
-    name = name_or_repo_id
-    if name not in _LOADERS and name.removesuffix("_reward") in BUILTIN_REWARDS:
-        name = name.removesuffix("_reward")
-    if name not in _LOADERS:
-        raise ValueError(
-            f"Unknown reward {name_or_repo_id!r}. Known names: {available_rewards()}; known Hub ids: "
-            f"{sorted(_REPO_IDS)}; or an http(s):// reward-server URL. Register another one with "
-            "`trl_arcopo.rewards.register_reward(name, loader)`, or pass a callable reward directly."
-        )
-    return _LOADERS[name](**kwargs)
+    loader, args = _resolve(name_or_repo_id)
+    return loader(*args, **kwargs)
+
+
+def rename_weight_keys(weights: Mapping[str, float], specs: Sequence[Any], names: Sequence[str]) -> dict[str, float]:
+    """``weights`` keyed by reward names as the rewards were given: a key that is a string of ``specs`` (e.g.
+    ``"brightness"``, which :func:`load_reward` resolves to ``brightness_reward``), or one of its columns
+    ``"spec:head"``, is renamed to the resolved name ``names[i]`` (or ``"name:head"``); other keys are kept.
+
+    Args:
+        weights: ``reward_weights`` keyed by reward name or column.
+        specs: the rewards as passed (names, Hub ids, URLs or callables).
+        names: the resolved reward names (:func:`~trl_arcopo.rewards.reward_names`), one per spec.
+    """
+    renames = {spec: name for spec, name in zip(specs, names, strict=True) if isinstance(spec, str) and spec != name}
+    renamed = {}
+    for key, weight in weights.items():
+        spec, separator, head = key.partition(":")
+        if key in renames:
+            key = renames[key]
+        elif separator and spec in renames:
+            key = f"{renames[spec]}:{head}"
+        renamed[key] = weight
+    return renamed
 
 
 def _builtin_loader(name: str) -> Callable[..., Callable]:
     def load(**kwargs: Any) -> Callable:
-        if kwargs:
-            raise ValueError(f"The built-in reward {name!r} takes no options, got {sorted(kwargs)}.")
-        return BUILTIN_REWARDS[name]
+        unknown = sorted(set(kwargs) - set(_BUILTIN_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"The built-in reward {name!r} takes no options other than {list(_BUILTIN_OPTIONS)} (which it "
+                f"ignores), got {unknown}."
+            )
+        return importlib.import_module(".builtin", __package__).BUILTIN_REWARDS[name]
 
     return load
 
@@ -131,7 +178,7 @@ def _lazy_loader(module: str, attribute: str) -> Callable[..., Callable]:
     return load
 
 
-for _name in BUILTIN_REWARDS:
+for _name in _BUILTIN_NAMES:
     register_reward(_name, _builtin_loader(_name))
 register_reward(
     "videoalign", _lazy_loader(".videoalign", "VideoAlignReward.from_pretrained"), repo_ids=["KwaiVGI/VideoReward"]

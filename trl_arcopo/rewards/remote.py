@@ -13,12 +13,14 @@ body is a safetensors payload (never pickle) holding
 - in the safetensors metadata, ``prompts``: a JSON list of ``B`` strings, and ``kwargs``: a JSON object of extra
   keyword arguments for the reward (dataset columns and other JSON-serialisable values).
 
-The server calls the reward with float32 videos of the same structure (tensor or list) and answers
-``{"scores": [...]}`` or ``{"heads": {name: [...]}}``, ``null`` for a missing or non-finite score.
+The server keeps the videos in their payload dtype until the reward is called (:func:`videos_to_float`), then calls
+it with float32 videos of the same structure (tensor or list) and answers ``{"scores": [...]}`` or
+``{"heads": {name: [...]}}``, ``null`` for a missing or non-finite score.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -31,11 +33,19 @@ import safetensors
 import safetensors.torch
 import torch
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from .protocol import _RESERVED_KWARGS, RewardFunctionError, _check_prompts, _validate_video_batch
 
-__all__ = ["TOKEN_ENV", "RemoteReward", "RemoteRewardError", "decode_score_request", "encode_score_request"]
+__all__ = [
+    "TOKEN_ENV",
+    "RemoteReward",
+    "RemoteRewardError",
+    "decode_score_request",
+    "encode_score_request",
+    "videos_to_float",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +86,7 @@ def encode_score_request(
     videos: Videos,
     kwargs: Mapping[str, Any] | None = None,
     *,
-    dtype: torch.dtype = torch.float16,
+    dtype: torch.dtype = torch.uint8,
 ) -> bytes:
     """Serialise one ``POST /score`` request body (see the module docstring for the format).
 
@@ -85,7 +95,7 @@ def encode_score_request(
         videos: a floating tensor ``[B, F, 3, H, W]`` or a list of ``B`` floating tensors ``[F, 3, H, W]``, values in
             ``[0, 1]``.
         kwargs: extra keyword arguments for the reward; must be JSON-serialisable.
-        dtype: payload dtype of the videos, one of ``torch.float16``, ``torch.float32``, ``torch.uint8``.
+        dtype: payload dtype of the videos, one of ``torch.uint8`` (default), ``torch.float16``, ``torch.float32``.
 
     Raises:
         ValueError: bad videos, prompts, kwargs or dtype, naming the argument.
@@ -97,7 +107,7 @@ def encode_score_request(
     _check_kwargs(kwargs)
     try:
         metadata = {"prompts": json.dumps(list(prompts)), "kwargs": json.dumps(kwargs)}
-    except TypeError as error:
+    except (TypeError, ValueError, RecursionError) as error:
         raise ValueError(f"the reward keyword arguments must be JSON-serialisable: {error}") from None
     if isinstance(videos, torch.Tensor):
         tensors = {"videos": _to_payload(videos, dtype)}
@@ -113,14 +123,24 @@ def _metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + length]).get("__metadata__") or {}
 
 
-def _from_payload(name: str, tensor: torch.Tensor) -> torch.Tensor:
+def _check_payload_dtype(name: str, tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype not in PAYLOAD_DTYPES:
         raise ValueError(
             f"tensor `{name}` has dtype {tensor.dtype}; the payload dtype must be one of {PAYLOAD_DTYPES}."
         )
-    if tensor.dtype == torch.uint8:
-        return tensor.to(torch.float32) / 255
-    return tensor.to(torch.float32)
+    return tensor
+
+
+def videos_to_float(videos: Videos, device: torch.device | str | None = None) -> Videos:
+    """Payload videos (uint8, float16 or float32; a tensor or a list) as float32 in ``[0, 1]`` on ``device``: a uint8
+    value ``v`` becomes ``v / 255``. The videos move to ``device`` before they are converted (a GPU receives the
+    uint8 bytes, a quarter of the float32 ones)."""
+
+    def convert(video: torch.Tensor) -> torch.Tensor:
+        video = video.to(device) if device is not None else video
+        return video.to(torch.float32).div_(255) if video.dtype == torch.uint8 else video.to(torch.float32)
+
+    return convert(videos) if isinstance(videos, torch.Tensor) else [convert(video) for video in videos]
 
 
 def _json_entry(metadata: Mapping[str, str], key: str, default: str | None = None) -> Any:
@@ -131,18 +151,23 @@ def _json_entry(metadata: Mapping[str, str], key: str, default: str | None = Non
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"the payload metadata entry `{key}` is not valid JSON: {error}.") from None
+    except RecursionError:
+        raise ValueError(f"the payload metadata entry `{key}` is nested too deeply.") from None
 
 
 def decode_score_request(data: bytes) -> tuple[list[str], Videos, dict[str, Any]]:
     """Parse a ``POST /score`` request body into ``(prompts, videos, kwargs)``.
 
     Returns:
-        ``prompts`` (``B`` strings), ``videos`` as float32 CPU tensors in ``[0, 1]``: a tensor ``[B, F, 3, H, W]``
-        for a ``videos`` payload or a list of ``[F, 3, H, W]`` for ``video_i`` payloads, and the keyword arguments.
+        ``prompts``, ``videos`` as CPU tensors in their payload dtype (uint8, float16 or float32; see
+        :func:`videos_to_float`): a tensor ``[B, F, 3, H, W]`` for a ``videos`` payload or a list of
+        ``[F, 3, H, W]`` for ``video_i`` payloads, and the keyword arguments. The prompts (``B`` strings), shapes
+        and value ranges are checked with the float videos, where the server calls the reward
+        (``_check_prompt_strings(prompts, _validate_video_batch(videos_to_float(videos)))``).
 
     Raises:
-        ValueError: naming what is malformed (not safetensors, missing or invalid metadata, unexpected tensor names,
-            dtypes or shapes, values outside ``[0, 1]``, prompt count).
+        ValueError: naming what is malformed (not safetensors, missing or invalid metadata, unexpected tensor names or
+            dtypes, keyword arguments that are not an object).
     """
     try:
         tensors = safetensors.torch.load(data)
@@ -152,17 +177,16 @@ def decode_score_request(data: bytes) -> tuple[list[str], Videos, dict[str, Any]
     prompts = _json_entry(metadata, "prompts")
     kwargs = _json_entry(metadata, "kwargs", default="{}")
     if set(tensors) == {"videos"}:
-        videos = _from_payload("videos", tensors["videos"])
+        videos = _check_payload_dtype("videos", tensors["videos"])
     elif tensors and set(tensors) == {f"video_{i}" for i in range(len(tensors))}:
-        videos = [_from_payload(f"video_{i}", tensors[f"video_{i}"]) for i in range(len(tensors))]
+        videos = [_check_payload_dtype(f"video_{i}", tensors[f"video_{i}"]) for i in range(len(tensors))]
     else:
         raise ValueError(
             "the payload must hold one tensor `videos` [B, F, 3, H, W] or tensors `video_0` ... `video_{B-1}` "
             f"[F, 3, H, W], got {sorted(tensors)[:8]}."
         )
-    _check_prompt_strings(prompts, _validate_video_batch(videos))
     _check_kwargs(kwargs)
-    return list(prompts), videos, dict(kwargs)
+    return prompts, videos, dict(kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -176,6 +200,14 @@ class RemoteRewardError(RewardFunctionError):
     def __init__(self, message: str, *, reward_name: str, status_code: int | None = None):
         super().__init__(message, reward_name=reward_name)
         self.status_code = status_code
+
+
+def _timed_out(error: requests.RequestException) -> bool:
+    """Whether no answer came within the read timeout (with retries configured, requests reports it as a
+    ``ConnectionError`` wrapping urllib3's ``MaxRetryError``)."""
+    reason = error.args[0] if error.args else None
+    reason = reason.reason if isinstance(reason, MaxRetryError) else reason
+    return isinstance(error, requests.ReadTimeout) or isinstance(reason, ReadTimeoutError)
 
 
 def _detail(response: requests.Response) -> str:
@@ -195,8 +227,9 @@ class RemoteReward:
     forwarded; others (like the trainer's ``trainer_state``) are dropped with a one-time warning.
 
     Connection errors and ``502``/``503``/``504`` answers are retried ``max_retries`` times with exponential backoff
-    (urllib3 ``Retry``; the first retry is immediate, then ``backoff_factor · 2^(n-1)`` seconds); other answers are
-    not retried. Every failure raises :class:`RemoteRewardError` (a
+    (urllib3 ``Retry``; the first retry is immediate, then ``backoff_factor · 2^(n-1)`` seconds, or the server's
+    ``Retry-After`` when it is busy); other answers, and answers that do not come within the read timeout (the server
+    may be scoring), are not retried. Every failure raises :class:`RemoteRewardError` (a
     :class:`~trl_arcopo.rewards.RewardFunctionError`), so the trainer handles it according to ``reward_error``.
 
     Example::
@@ -215,9 +248,11 @@ class RemoteReward:
         backoff_factor: base of the exponential backoff between retries, in seconds.
         name: the reward's name in logs and reward columns (:func:`~trl_arcopo.rewards.reward_name`); ``"remote"``
             by default.
-        payload_dtype: dtype of the videos on the wire: ``torch.float16`` (default; half the bytes of float32, scores
-            within the float16 rounding of the inputs), ``torch.float32`` (exact) or ``torch.uint8`` (a quarter of
-            float32; loses little for rewards that quantise frames to 8 bits themselves, like VideoAlign).
+        payload_dtype: dtype of the videos on the wire: ``torch.uint8`` (default: ``round(255·x)``, a quarter of the
+            bytes of float32 and what a saved video holds; a group of 12 videos of 81x480x832 fits the server's
+            default limit; rewards that quantise frames to 8 bits themselves, like VideoAlign, see the same pixels),
+            ``torch.float16`` (twice the bytes; scores within the float16 rounding of the inputs) or
+            ``torch.float32`` (exact).
     """
 
     def __init__(
@@ -229,7 +264,7 @@ class RemoteReward:
         max_retries: int = 3,
         backoff_factor: float = 0.5,
         name: str | None = None,
-        payload_dtype: torch.dtype = torch.float16,
+        payload_dtype: torch.dtype = torch.uint8,
     ):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"`url` must start with http:// or https://, got {url!r}.")
@@ -270,17 +305,24 @@ class RemoteReward:
             f"timeout={self.timeout}, max_retries={self.max_retries})"
         )
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    def _request(self, method: str, path: str, payload: bytes | None = None) -> dict[str, Any]:
         """Send one request; return the JSON answer or raise a :class:`RemoteRewardError` saying what to do."""
         url = f"{self.url}{path}"
+        kwargs = {}
+        if payload is not None:
+            # As a file, which urllib3 sends block by block (and rewinds to retry): `bytes` go in one `sendall`,
+            # whose timeout (the connect timeout) would bound the whole upload, seconds for a group of videos.
+            kwargs = {"data": io.BytesIO(payload), "headers": {"Content-Type": "application/octet-stream"}}
         try:
             response = self.session.request(method, url, timeout=self.timeout, **kwargs)
-        except requests.Timeout as error:
-            raise RemoteRewardError(
-                f"the reward server at {url} did not answer within the timeout ({self.timeout} s): {error}",
-                reward_name=self.name,
-            ) from error
         except requests.RequestException as error:
+            if _timed_out(error):
+                read_timeout = self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout
+                raise RemoteRewardError(
+                    f"the reward server at {url} did not answer within {read_timeout:g} s (the read timeout): it is "
+                    "frozen, or scoring takes longer. Check its log; raise `timeout=` for slow rewards.",
+                    reward_name=self.name,
+                ) from error
             raise RemoteRewardError(
                 f"could not reach the reward server at {url} (after {self.max_retries} retries): {error}. "
                 "Check that `trl-arcopo-reward-server` runs there.",
@@ -303,7 +345,7 @@ class RemoteReward:
                 f"`token=` or in the {TOKEN_ENV} environment variable."
             )
         elif status == 413:
-            size = len(kwargs.get("data") or b"") / 2**20
+            size = len(payload or b"") / 2**20
             message = (
                 f"the reward server at {url} refused a payload of {size:.1f} MiB as too large (413: {detail}). "
                 "Start the server with a larger `--max_payload_mb`, score smaller batches, or send "
@@ -311,6 +353,11 @@ class RemoteReward:
             )
         elif status == 500:
             message = f"the reward on the server at {url} failed (500): {detail}"
+        elif status == 503:
+            message = (
+                f"the reward server at {url} stayed busy through {self.max_retries} retries (503: {detail}). Raise "
+                "`max_retries`, or the server's `--max_concurrent_requests`."
+            )
         else:
             message = f"the reward server at {url} answered {status}: {detail}"
         raise RemoteRewardError(message, reward_name=self.name, status_code=status)
@@ -327,7 +374,7 @@ class RemoteReward:
         for key, value in kwargs.items():
             try:
                 json.dumps(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 if key not in self._dropped_kwargs:
                     self._dropped_kwargs.add(key)
                     logger.warning(
@@ -349,5 +396,5 @@ class RemoteReward:
             ``B`` scores, or ``{head: B scores}``; ``None`` where the served reward gave no finite score.
         """
         payload = encode_score_request(prompts, videos, self._sendable(kwargs), dtype=self.payload_dtype)
-        answer = self._request("POST", "/score", data=payload, headers={"Content-Type": "application/octet-stream"})
+        answer = self._request("POST", "/score", payload=payload)
         return answer["scores"] if "scores" in answer else answer["heads"]

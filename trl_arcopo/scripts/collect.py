@@ -11,33 +11,43 @@ So the collection is split across processes without coordination (process `r` of
 with the same arguments collects only the missing groups. When all groups are there, the main process merges them
 into `output_dir` (a `save_to_disk` dataset, loaded by `trl_arcopo.replay.load_replay_buffer`) and pushes it to the
 Hub with `--push_to_hub`. Train on it with `--training_mode semi_on_policy --replay_dataset <output_dir>`.
+
+A collection holds the lock `output_dir/.collect.lock` until it ends: a second `collect` into the same folder exits
+at once, naming the process that holds it. A rerun repairs what a killed run left (a partial shard, shards that a
+merge had already copied into the buffer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from accelerate import PartialState
-from accelerate.utils import parse_flag_from_env
-from datasets import Dataset, concatenate_datasets, load_from_disk
-from tqdm.auto import tqdm
-from trl import TrlParser
-
-from trl_arcopo import CausalWanPipeline
-from trl_arcopo.replay import collect_replay_buffer, generation_settings
-from trl_arcopo.rewards import load_reward
 from trl_arcopo.scripts.train import ScriptArguments, load_prompts
-from trl_arcopo.scripts.utils import fail, load_generator, parse_with_preset
-from trl_arcopo.testing import TINY_TRAINING_ARGS
+from trl_arcopo.scripts.utils import (
+    TINY_TRAINING_ARGS,
+    ScriptParser,
+    check_reward_names,
+    check_video_size,
+    fail,
+    load_generator,
+    parse_with_preset,
+    read_prompt_file,
+)
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from trl_arcopo import CausalWanPipeline
 
 SHARDS_DIR = "shards"
+LOCK_FILE, LOCK_OWNER_FILE = ".collect.lock", ".collect.owner"
 # The generation settings of each preset: those of the `trl-arcopo train` preset of the same name, so that its
 # semi-on-policy run accepts the buffer (YAML keys and flags override them).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -98,37 +108,100 @@ class CollectArguments(ScriptArguments):
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the Hub repo as private."})
 
 
-def make_parser() -> TrlParser:
+def make_parser() -> ScriptParser:
     """The parser of `CollectArguments` (reads `--config file.yaml`), without preset defaults."""
-    return TrlParser((CollectArguments,), prog="trl-arcopo collect")
+    return ScriptParser((CollectArguments,), prog="trl-arcopo collect")
+
+
+def check_args(argv: list[str] | None = None) -> CollectArguments:
+    """`parse`, leaving the options it does not know to another parser (`trl-arcopo collect` checks the arguments
+    this way before it splits off the `accelerate launch` options)."""
+    (args,) = parse_with_preset(make_parser(), PRESETS, argv, partial=True)
+    _check(args)
+    return args
 
 
 def parse(argv: list[str] | None = None) -> CollectArguments:
-    """Parse flags and `--config` on top of the requested preset's defaults; bad input exits with code 2."""
+    """Parse flags and `--config` on top of the requested preset's defaults and check them (before anything heavy
+    is imported, so before the model loads); bad input exits with code 2."""
     (args,) = parse_with_preset(make_parser(), PRESETS, argv)
+    _check(args)
+    return args
+
+
+def _check(args: CollectArguments) -> None:
     if args.num_groups < 1:
         fail(f"--num_groups must be >= 1, got {args.num_groups}")
+    if args.num_generations < 2:
+        fail(f"--num_generations must be >= 2 (a group compares its candidates), got {args.num_generations}")
+    if not 0 < args.noise_sigma <= 1:
+        fail(f"--noise_sigma must be in (0, 1] (the paper uses 0.5), got {args.noise_sigma}")
+    if args.rollout_batch_size is not None and args.rollout_batch_size < 1:
+        fail(f"--rollout_batch_size must be >= 1, got {args.rollout_batch_size}")
+    check_video_size(args.num_frames, args.height, args.width, geometry_known=args.model is None)
+    check_reward_names(args.reward_funcs, "--reward_funcs")
+    if args.prompt_file:
+        read_prompt_file(args.prompt_file)
     if args.push_to_hub and not args.hub_dataset_id:
         fail("--push_to_hub needs --hub_dataset_id (e.g. me/self-forcing-replay)")
-    return args
+
+
+@contextlib.contextmanager
+def collection_lock(output_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of the collection in ``output_dir`` (created if needed) for the ``with`` block; if another
+    process holds it, exit with one line naming the folder and that process."""
+    from filelock import FileLock, Timeout
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    owner = output_dir / LOCK_OWNER_FILE
+    lock = FileLock(output_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = owner.read_text().strip() if owner.is_file() else "another process"
+        fail(
+            f"{output_dir} is already being collected into by {holder}: wait until it ends, or pass another "
+            "--output_dir"
+        )
+    try:
+        owner.write_text(f"pid {os.getpid()} on {socket.gethostname()}")
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
 
 
 def _shard_dirs(output_dir: Path) -> list[Path]:
     return sorted((output_dir / SHARDS_DIR).glob("group-*"))
 
 
+def _shard_index(path: Path) -> int:
+    return int(path.name.removeprefix("group-"))
+
+
+def _merged(output_dir: Path) -> Dataset | None:
+    """The merged buffer of `output_dir`, if there is one (its `state.json` is written last: see `merge_shards`)."""
+    from datasets import load_from_disk
+
+    return load_from_disk(str(output_dir)) if (output_dir / "state.json").is_file() else None
+
+
 def _collected(output_dir: Path) -> list[Dataset]:
     """The buffers already written: the merged one in `output_dir` and the finished shards."""
-    parts = [load_from_disk(str(output_dir))] if (output_dir / "state.json").is_file() else []
-    return parts + [load_from_disk(str(path)) for path in _shard_dirs(output_dir)]
+    from datasets import load_from_disk
+
+    merged = _merged(output_dir)
+    return ([merged] if merged is not None else []) + [load_from_disk(str(path)) for path in _shard_dirs(output_dir)]
 
 
 def _check_resumable(parts: Sequence[Dataset], settings: dict[str, Any], prompts: Sequence[str]) -> None:
     """Refuse to extend a collection made with other settings or prompts: the groups would not fit together."""
+    from trl_arcopo.replay import buffer_settings
+
     expected = json.loads(json.dumps(settings))
     for part in parts:
-        for text in part.unique("settings"):
-            stored = json.loads(text)
+        for stored in buffer_settings(part):
             differences = [f"{k} {stored.get(k)!r} (now {v!r})" for k, v in expected.items() if stored.get(k) != v]
             if differences:
                 raise ValueError(
@@ -166,6 +239,10 @@ def collect_shards(
     Returns:
         The indices of the groups collected by this call.
     """
+    from tqdm.auto import tqdm
+
+    from trl_arcopo.replay import collect_replay_buffer, generation_settings
+
     output_dir = Path(output_dir)
     collected = _collected(output_dir)
     _check_resumable(collected, generation_settings(pipeline, **generation), prompts)
@@ -195,26 +272,36 @@ def collect_shards(
 
 def merge_shards(output_dir: str | os.PathLike) -> Dataset:
     """Merge the merged buffer of ``output_dir`` (if any) and its shards into ``output_dir``, sorted by group index,
-    then delete the shards. The new buffer is written completely before the old one is replaced; a crash during the
-    replacement can only cost re-collecting the groups of the old one, which a rerun reproduces identically. Without
-    shards, the merged buffer is returned as it is (not rewritten)."""
+    then delete the shards. Without shards, the merged buffer is returned as it is (not rewritten).
+
+    Safe to interrupt: the merged buffer exists exactly when its ``state.json`` does, which is deleted first when an
+    old buffer is replaced and written last when the new one is moved in. A crash while the old buffer is replaced
+    costs re-collecting its groups (a rerun reproduces them identically); shards left by a crash while they were
+    deleted, whose groups the merged buffer already holds, are deleted by the next merge.
+    """
+    from datasets import concatenate_datasets, load_from_disk
+
     output_dir = Path(output_dir)
-    if not _shard_dirs(output_dir) and (output_dir / "state.json").is_file():
-        return load_from_disk(str(output_dir))
+    merged = _merged(output_dir)
+    if merged is not None:
+        already = set(merged["group_index"])
+        for path in _shard_dirs(output_dir):
+            if _shard_index(path) in already:  # left by a merge killed while it deleted its shards
+                shutil.rmtree(path)
+        if not _shard_dirs(output_dir):
+            shutil.rmtree(output_dir / SHARDS_DIR, ignore_errors=True)
+            return merged
     parts = _collected(output_dir)
     if not parts:
         raise ValueError(f"{output_dir} holds no collected group.")
     merged = concatenate_datasets(parts).sort("group_index")
-    indices = merged["group_index"]
-    if len(set(indices)) != len(indices):
-        raise ValueError(f"{output_dir} holds some groups twice: remove its duplicate shards.")
     staging = output_dir / ".merging"
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_to_disk(str(staging))
-    for pattern in ("data-*.arrow", "state.json", "dataset_info.json"):  # the previous merge, if any
+    for pattern in ("state.json", "data-*.arrow", "dataset_info.json"):  # the previous merge, state.json first
         for path in output_dir.glob(pattern):
             path.unlink()
-    for path in staging.iterdir():
+    for path in sorted(staging.iterdir(), key=lambda path: path.name == "state.json"):  # state.json last
         path.rename(output_dir / path.name)
     staging.rmdir()
     shutil.rmtree(output_dir / SHARDS_DIR, ignore_errors=True)
@@ -225,48 +312,56 @@ def main(argv: list[str] | None = None) -> Dataset | None:
     """Collect (resuming), merge on the main process and push if asked. Returns the merged buffer on the main
     process (None on the others)."""
     args = parse(argv)
+    import torch  # the heavy imports, once the arguments are known to be good
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from trl_arcopo.rewards import load_reward
+
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as `Accelerator` reads `launch --cpu`
-    prompts = list(load_prompts(args)["prompt"])
-    try:
-        reward_funcs = [load_reward(name) for name in args.reward_funcs]
-    except (OSError, ValueError) as error:  # a reward that cannot be loaded
-        fail(error)
-    pipeline = load_generator(args, device=state.device)
-    pipeline.set_progress_bar_config(disable=True)
-    try:
-        collect_shards(
-            pipeline,
-            prompts,
-            reward_funcs,
-            args.output_dir,
-            num_groups=args.num_groups,
-            rollout_batch_size=args.rollout_batch_size,
-            process_index=state.process_index,
-            num_processes=state.num_processes,
-            progress_bar=state.is_local_main_process,
-            num_generations=args.num_generations,
-            noise_sigma=args.noise_sigma,
-            num_frames=args.num_frames,
-            height=args.height,
-            width=args.width,
-            exploration=args.exploration,
-            pivot_strategy=args.pivot_strategy,
-            pivot_index=args.pivot_index,
-            pivot_weights=args.pivot_weights,
-            seed=args.seed,
-            storage_dtype=getattr(torch, args.storage_dtype),
-            revision=args.model_revision,
-        )
-    except ValueError as error:  # a collection in `output_dir` with other settings
-        fail(error)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    buffer = merge_shards(args.output_dir)
-    print(f"{len(buffer)} rollout groups in {args.output_dir}")
-    if args.push_to_hub:
-        buffer.push_to_hub(args.hub_dataset_id, private=args.hub_private_repo)
-        print(f"pushed to the Hub dataset repo {args.hub_dataset_id}")
+    with collection_lock(args.output_dir) if state.is_main_process else contextlib.nullcontext():
+        state.wait_for_everyone()  # the other processes start once the main one holds the lock
+        prompts = list(load_prompts(args)["prompt"])
+        try:
+            reward_funcs = [load_reward(name) for name in args.reward_funcs]
+        except (OSError, ValueError) as error:  # a reward that cannot be loaded
+            fail(error)
+        pipeline = load_generator(args, device=state.device)
+        pipeline.set_progress_bar_config(disable=True)
+        try:
+            collect_shards(
+                pipeline,
+                prompts,
+                reward_funcs,
+                args.output_dir,
+                num_groups=args.num_groups,
+                rollout_batch_size=args.rollout_batch_size,
+                process_index=state.process_index,
+                num_processes=state.num_processes,
+                progress_bar=state.is_local_main_process,
+                num_generations=args.num_generations,
+                noise_sigma=args.noise_sigma,
+                num_frames=args.num_frames,
+                height=args.height,
+                width=args.width,
+                exploration=args.exploration,
+                pivot_strategy=args.pivot_strategy,
+                pivot_index=args.pivot_index,
+                pivot_weights=args.pivot_weights,
+                seed=args.seed,
+                storage_dtype=getattr(torch, args.storage_dtype),
+                revision=args.model_revision,
+            )
+        except ValueError as error:  # a collection in `output_dir` with other settings, sizes the model rejects
+            fail(error)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return None
+        buffer = merge_shards(args.output_dir)
+        print(f"{len(buffer)} rollout groups in {args.output_dir}")
+        if args.push_to_hub:
+            buffer.push_to_hub(args.hub_dataset_id, private=args.hub_private_repo)
+            print(f"pushed to the Hub dataset repo {args.hub_dataset_id}")
     return buffer
 
 

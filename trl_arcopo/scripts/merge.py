@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trl_arcopo.adapters import push_folder_to_hub, save_fused, save_merged_lora
 from trl_arcopo.scripts.utils import (
     adapter_sources,
     add_adapter_argument,
@@ -60,6 +59,8 @@ def main(argv: list[str] | None = None) -> Path:
     scales = dict(args.scale)
     sources = adapter_sources(args, "--scale", list(scales))
     weights = {name: scales.get(name, 1.0) for name in sources}
+    from trl_arcopo.adapters import push_folder_to_hub, save_fused, save_merged_lora  # once the arguments are good
+
     pipe = load_generator(args)
     load_adapters(pipe, sources)
     try:

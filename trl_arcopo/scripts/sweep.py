@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from trl_arcopo.evaluation import resolve_rewards
 from trl_arcopo.scripts.utils import (
     adapter_sources,
     add_adapter_argument,
     add_video_size_arguments,
+    check_reward_names,
     fail,
     generator_parser,
     load_adapters,
@@ -34,7 +33,9 @@ from trl_arcopo.scripts.utils import (
     scale_spec,
     video_size,
 )
-from trl_arcopo.sweep import DEFAULT_SCALES, SweepResult, sweep_merge_scale
+
+if TYPE_CHECKING:
+    from trl_arcopo.sweep import SweepResult
 
 # Held-out evaluation prompts of the tiny preset (words of the tiny tokenizer, not the training prompts).
 TINY_PROMPTS = [
@@ -52,9 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
     ones."""
     parser = generator_parser(require_generator=True, prog="trl-arcopo sweep", description=__doc__)
     add_adapter_argument(parser)
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the videos are generated"
-    )
+    parser.add_argument("--device", help="where the videos are generated (default: cuda if available, else cpu)")
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument("--swept", default="on_policy", help="the adapter whose scale is swept (default on_policy)")
     sweep.add_argument(
@@ -66,7 +65,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="an adapter kept at a fixed scale; repeatable (default: semi=1.0)",
     )
     sweep.add_argument(
-        "--scales", type=float, nargs="+", default=list(DEFAULT_SCALES), help="scales of --swept to try"
+        "--scales", type=float, nargs="+", help="scales of --swept to try (default 0 0.2 0.4 0.6 0.8 1)"
     )
     sweep.add_argument("--in_domain", nargs="+", required=True, metavar="REWARD", help="the optimized reward(s)")
     sweep.add_argument("--out_of_domain", nargs="+", required=True, metavar="REWARD", help="the independent metric(s)")
@@ -113,13 +112,20 @@ def main(argv: list[str] | None = None) -> SweepResult:
         fail(f"--swept {args.swept} is also given in --fixed; remove it there")
     sources = adapter_sources(args, "--fixed/--swept", [*fixed, args.swept])
     prompts = load_prompts(args)
+    check_reward_names(args.in_domain, "--in_domain")
+    check_reward_names(args.out_of_domain, "--out_of_domain")
+    num_frames, height, width = video_size(args, SIZES)
+    import torch  # the heavy imports, once the arguments are known to be good
+
+    from trl_arcopo.evaluation import resolve_rewards
+    from trl_arcopo.sweep import DEFAULT_SCALES, sweep_merge_scale
+
     try:
         in_domain, out_of_domain = resolve_rewards(args.in_domain), resolve_rewards(args.out_of_domain)
-    except ValueError as error:
+    except (OSError, ValueError) as error:
         fail(error)
-    pipe = load_generator(args, device=args.device)
+    pipe = load_generator(args, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     load_adapters(pipe, sources)
-    num_frames, height, width = video_size(args, SIZES)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     try:
         result = sweep_merge_scale(
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> SweepResult:
             prompts,
             in_domain=in_domain,
             out_of_domain=out_of_domain,
-            scales=args.scales,
+            scales=args.scales or DEFAULT_SCALES,
             fixed=fixed,
             swept=args.swept,
             plot_path=args.output_dir / "sweep.png",

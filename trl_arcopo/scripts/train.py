@@ -17,22 +17,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from datasets import Dataset
-from trl import TrlParser
-
-from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
 from trl_arcopo.scripts.utils import (
+    TINY_TRAINING_ARGS,
     GeneratorArguments,
+    ScriptParser,
+    check_reward_names,
     fail,
+    is_missing_path,
     load_generator,
     load_prompt_dataset,
     parse_with_preset,
     read_prompt_file,
 )
-from trl_arcopo.testing import TINY_TRAINING_ARGS
-from trl_arcopo.utils.videos import save_video
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
 
 TINY_PROMPTS = [
     "a red car driving on a road at night",
@@ -87,13 +90,27 @@ class ScriptArguments(GeneratorArguments):
     prompt_file: str | None = field(default=None, metadata={"help": "Text file with one prompt per line."})
 
 
-def make_parser() -> TrlParser:
+def make_parser() -> ScriptParser:
     """The parser of `ScriptArguments` and `ARCoPOConfig` (reads `--config file.yaml`), without preset defaults."""
-    return TrlParser((ScriptArguments, ARCoPOConfig), prog="trl-arcopo train")
+    from trl_arcopo import ARCoPOConfig  # imports transformers' TrainingArguments (seconds): after `check_args`
+
+    return ScriptParser((ScriptArguments, ARCoPOConfig), prog="trl-arcopo train")
+
+
+def check_args(argv: list[str] | None = None) -> ScriptArguments:
+    """The checks that need no heavy import (the script's own options: preset, rewards, prompts), run before the
+    `ARCoPOConfig` ones; bad input exits with code 2 within about a second. Returns the script's arguments."""
+    parser = ScriptParser(ScriptArguments, prog="trl-arcopo train", add_help=False)  # `--help` is the full parser's
+    (script_args,) = parse_with_preset(parser, PRESETS, argv, partial=True)
+    check_reward_names(script_args.reward_funcs, "--reward_funcs")
+    if script_args.prompt_file:
+        read_prompt_file(script_args.prompt_file)
+    return script_args
 
 
 def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, ARCoPOConfig]:
     """Parse flags and `--config` on top of the requested preset's defaults; bad input exits with code 2."""
+    check_args(argv)
     script_args, config = parse_with_preset(make_parser(), PRESETS, argv)
     if config.model_init_kwargs:
         fail(
@@ -105,12 +122,16 @@ def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, ARCoPOConfig]
             "--training_mode semi_on_policy trains on the prompts of the replay buffer --replay_dataset: remove "
             "--prompt_file / --dataset_name"
         )
+    if config.replay_dataset is not None and is_missing_path(config.replay_dataset):
+        fail(f"--replay_dataset: the folder {config.replay_dataset} does not exist; for a Hub dataset use org/name")
     return script_args, config
 
 
 def load_prompts(script_args: ScriptArguments) -> Dataset:
     """The training prompts as a dataset with a `prompt` column: `--prompt_file`, `--dataset_name`, or (tiny preset
     only) a few built-in prompts."""
+    from datasets import Dataset
+
     if script_args.prompt_file:
         return Dataset.from_dict({"prompt": read_prompt_file(script_args.prompt_file)})
     if script_args.dataset_name:
@@ -131,6 +152,11 @@ def main(argv: list[str] | None = None) -> ARCoPOTrainer:
     Returns the trainer (for in-process use); bad input exits with code 2 and one line on stderr.
     """
     script_args, config = parse(argv)
+    import torch  # the heavy imports, once the arguments are known to be good
+
+    from trl_arcopo import ARCoPOTrainer
+    from trl_arcopo.utils.videos import save_video
+
     semi_on_policy = config.training_mode == "semi_on_policy"
     prompts = None if semi_on_policy else load_prompts(script_args)  # the replay buffer brings its own
     model = load_generator(script_args, device=config.device)

@@ -1,37 +1,62 @@
-"""What the `trl-arcopo` scripts share: one-line errors, presets, the base generator and its LoRAs, prompts.
+"""What the `trl-arcopo` scripts share: strict parsers with one-line errors, presets, the base generator and its
+LoRAs, prompts, and the checks that run before anything heavy is imported.
 
 Every script loads its generator the same way, from the fields of `GeneratorArguments` (`--preset tiny|self-forcing`,
 `--model`, `--model_revision`, `--self_forcing_checkpoint`, `--base_model`, `--dtype`) with `load_generator`.
+
+torch, diffusers and datasets are imported inside the functions that use them, so that a script checks its arguments
+(in about a second) before it spends seconds importing what the work needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from datasets import Dataset, load_dataset
-from transformers import HfArgumentParser
 from trl import TrlParser
 
-from trl_arcopo import CausalWanPipeline
-from trl_arcopo.testing import tiny_causal_wan_pipeline
+from trl_arcopo.rewards.registry import check_reward_name
+from trl_arcopo.utils.arguments import ArgumentParser, StrictParserMixin, fail
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+
+    from trl_arcopo import CausalWanPipeline
 
 GENERATOR_PRESETS = ("tiny", "self-forcing")
+# The video geometry of both presets' generators (Self-Forcing on Wan2.1): the VAE packs 4 pixel frames (the first
+# one alone) and 8x8 pixels into one latent, the transformer's patches are 2x2 latents and a chunk is 3 latent
+# frames. `CausalWanPipeline.check_inputs` applies the same rule with the values of the loaded pipeline.
+_FRAMES_PER_LATENT, _LATENTS_PER_CHUNK, _PIXEL_MULTIPLE = 4, 3, 16
+
+# ARCoPOConfig settings that make AR-CoPO learn on `tiny_causal_wan_pipeline` (2 chunks of 32x32 pixels): the tiny
+# preset of the examples and the base of the trainer tests.
+TINY_TRAINING_ARGS: dict[str, Any] = {
+    "num_frames": 21,
+    "height": 32,
+    "width": 32,
+    "num_generations": 8,
+    "num_anchors": 4,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "learning_rate": 1e-2,
+    "lr_scheduler_type": "constant",
+    "report_to": "none",
+}
 
 
-def fail(message: BaseException | str) -> NoReturn:
-    """Print `error: <message>` on stderr, its whitespace (newlines included) collapsed to single spaces, and exit
-    with code 2 (argparse's convention), no traceback."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(2)
+class ScriptParser(StrictParserMixin, TrlParser):
+    """The scripts' parser: TRL's dataclass parser (it also reads `--config file.yaml`) with the strict behaviour of
+    `StrictParserMixin`: no abbreviated options, `-1e-3` read as a number, one-line errors."""
 
 
 @dataclass
@@ -70,7 +95,7 @@ class GeneratorArguments:
     )
 
 
-def generator_parser(*, require_generator: bool = False, **kwargs: Any) -> HfArgumentParser:
+def generator_parser(*, require_generator: bool = False, **kwargs: Any) -> ScriptParser:
     """An argument parser holding the `GeneratorArguments` options (add the script's own ones to it).
 
     Args:
@@ -78,7 +103,7 @@ def generator_parser(*, require_generator: bool = False, **kwargs: Any) -> HfArg
             trained on one generator, which a default would silently mismatch).
         kwargs: `argparse.ArgumentParser` options (`prog`, `description`, ...).
     """
-    parser = HfArgumentParser(GeneratorArguments, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    parser = ScriptParser(GeneratorArguments, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
     if require_generator:
         parser.set_defaults(preset=None)
     return parser
@@ -98,6 +123,11 @@ def load_generator(
 
     A generator that cannot be loaded exits with one line (code 2).
     """
+    import torch
+
+    from trl_arcopo import CausalWanPipeline
+    from trl_arcopo.testing import tiny_causal_wan_pipeline
+
     device = torch.device(device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.model is None and args.preset is None:
@@ -132,31 +162,66 @@ def add_video_size_arguments(group: argparse._ArgumentGroup) -> None:
 
 def video_size(args: argparse.Namespace, sizes: Mapping[str, tuple[int, int, int]]) -> tuple[int, int, int]:
     """`(num_frames, height, width)`: the flags of `add_video_size_arguments` that were given, the others from
-    `sizes[args.preset]` (a `--model` is sized like the self-forcing preset)."""
+    `sizes[args.preset]` (a `--model` is sized like the self-forcing preset), checked with `check_video_size`."""
     default = sizes["self-forcing" if args.model else args.preset]
-    return tuple(
-        given or value for given, value in zip((args.num_frames, args.height, args.width), default, strict=True)
-    )
+    given = (args.num_frames, args.height, args.width)
+    size = tuple(value if value is not None else preset for value, preset in zip(given, default, strict=True))
+    check_video_size(*size, geometry_known=args.model is None)
+    return size
 
 
-def _looks_local(source: str) -> bool:
+def check_video_size(num_frames: int, height: int, width: int, *, geometry_known: bool = True) -> None:
+    """Exit with one line naming the flag (`--num_frames`, `--height`, `--width`) unless the size is positive and,
+    with `geometry_known` (a preset's generator, not a `--model` whose pipeline checks its own sizes once loaded),
+    fits it: `num_frames` = 9 + 12·k, height and width multiples of 16."""
+    for flag, value in (("--num_frames", num_frames), ("--height", height), ("--width", width)):
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
+    if not geometry_known:
+        return
+    first, step = _FRAMES_PER_LATENT * (_LATENTS_PER_CHUNK - 1) + 1, _FRAMES_PER_LATENT * _LATENTS_PER_CHUNK
+    if num_frames < first or (num_frames - first) % step:
+        lower = max(first, num_frames - (num_frames - first) % step)
+        fail(
+            f"--num_frames {num_frames} does not split into whole chunks of the generator: use {first} + {step}·k "
+            f"frames, e.g. {', '.join(str(n) for n in sorted({lower, lower + step, 81}))}"
+        )
+    for flag, value in (("--height", height), ("--width", width)):
+        if value % _PIXEL_MULTIPLE:
+            lower = value - value % _PIXEL_MULTIPLE
+            nearest = " or ".join(str(n) for n in (lower, lower + _PIXEL_MULTIPLE) if n > 0)
+            fail(f"{flag} {value} is not a multiple of {_PIXEL_MULTIPLE}: use {nearest}")
+
+
+def check_reward_names(names: Sequence[str], flag: str) -> None:
+    """Exit with one line (naming `flag` and suggesting close names) if a reward name is not one that
+    `trl_arcopo.rewards.load_reward` knows; imports no reward."""
+    for name in names:
+        try:
+            check_reward_name(name)
+        except ValueError as error:
+            fail(f"{flag}: {error}")
+
+
+def looks_local(source: str) -> bool:
     """A path rather than a Hub id `org/name` (which has exactly one `/` and no leading `.`, `/` or `~`)."""
     return source.startswith((".", "/", "~")) or source.count("/") != 1 or source.endswith(".safetensors")
 
 
-def _missing(source: str) -> bool:
-    return _looks_local(source) and not Path(source).expanduser().exists()
+def is_missing_path(source: str) -> bool:
+    """Whether `source` is a local path (not a Hub id `org/name`) that does not exist."""
+    return looks_local(source) and not Path(source).expanduser().exists()
 
 
 def load_lora(pipe: CausalWanPipeline, source: str, *, adapter_name: str, argument: str) -> None:
     """Load the LoRA `source` (a folder or file with `pytorch_lora_weights.safetensors`, or a Hub id `org/name`)
     into `pipe` as `adapter_name`. If it cannot be loaded, exits with one line naming `argument` (the command-line
     text that gave it, e.g. `--lora org/name`)."""
-    if _missing(source):
+    if is_missing_path(source):
         fail(f"{argument}: no such file or folder (nor a Hub id org/name)")
     try:
         pipe.load_lora_weights(
-            str(Path(source).expanduser()) if _looks_local(source) else source, adapter_name=adapter_name
+            str(Path(source).expanduser()) if looks_local(source) else source, adapter_name=adapter_name
         )
     except (OSError, ValueError, RuntimeError) as error:  # not found, or a LoRA for another architecture
         fail(f"{argument}: {' '.join(str(error).strip().splitlines()[:2])}")  # a size mismatch lists every tensor
@@ -204,7 +269,7 @@ def adapter_sources(args: argparse.Namespace, flag: str, names: Sequence[str]) -
     if unknown:
         fail(f"{flag} names {unknown} but the loaded adapters (--adapter) are {list(sources)}")
     for name, source in sources.items():
-        if _missing(source):
+        if is_missing_path(source):
             fail(f"--adapter {name}={source}: no such file or folder (nor a Hub id org/name)")
     return sources
 
@@ -238,6 +303,8 @@ def load_prompt_dataset(
 ) -> Dataset:
     """The split of the dataset `name` (Hub id or local path) with its prompt column `column` (given by
     `column_flag`) renamed to `prompt`; the other columns are kept. Exits with one line if either is missing."""
+    from datasets import load_dataset
+
     try:
         dataset = load_dataset(name, config, split=split)
     except (OSError, ValueError) as error:
@@ -249,7 +316,7 @@ def load_prompt_dataset(
 
 def requested_preset(argv: Sequence[str], default: str = "tiny") -> str:
     """The preset named by `--preset` in `argv`, else by the `preset` key of its `--config` YAML, else `default`."""
-    early = argparse.ArgumentParser(add_help=False)
+    early = ArgumentParser(add_help=False)
     early.add_argument("--preset")
     early.add_argument("--config")
     known = early.parse_known_args(argv)[0]
@@ -266,10 +333,21 @@ def requested_preset(argv: Sequence[str], default: str = "tiny") -> str:
 
 
 def parse_with_preset(
-    parser: TrlParser, presets: Mapping[str, Mapping[str, Any]], argv: Sequence[str] | None = None
+    parser: TrlParser,
+    presets: Mapping[str, Mapping[str, Any]],
+    argv: Sequence[str] | None = None,
+    *,
+    partial: bool = False,
 ) -> tuple[Any, ...]:
     """Parse `argv` (default: `sys.argv[1:]`) and its `--config` YAML on top of the defaults of the requested preset
     (see `requested_preset`): YAML keys override the preset, flags override both. Bad input exits with one line.
+
+    Args:
+        parser: parses the dataclasses.
+        presets: `{preset: {field: default}}`; the fields `parser` does not have are ignored.
+        argv: the arguments.
+        partial: `parser` has only some of the options (the early check of a script, before its heavy imports):
+            the flags and YAML keys it does not know are left to the full parser.
 
     Returns:
         The dataclasses of `parser`.
@@ -278,16 +356,17 @@ def parse_with_preset(
     preset = requested_preset(argv)
     if preset not in presets:
         fail(f"unknown --preset {preset!r}; choose one of {sorted(presets)}")
-    parser.set_defaults(**presets[preset])
+    fields = {f.name for dataclass_type in parser.dataclass_types for f in dataclasses.fields(dataclass_type)}
+    parser.set_defaults(**{key: value for key, value in presets[preset].items() if key in fields})
     try:
         *outputs, unknown_keys, unknown_flags = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
     except ValueError as error:  # values the dataclasses reject
         fail(error)
-    if unknown_keys:
+    if unknown_keys and not partial:
         names = ", ".join(key.removeprefix("--") for key in unknown_keys[::2])
         fail(f"unknown key(s) in the --config file: {names} (`--help` lists the valid ones)")
-    if unknown_flags:
+    if unknown_flags and not partial:
         fail(f"unrecognized arguments: {' '.join(unknown_flags)} (`--help` lists the valid ones)")
     return tuple(outputs)
