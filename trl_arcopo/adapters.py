@@ -1,8 +1,8 @@
 """Combine the two AR-CoPO adapters at inference: activate, export, fuse and push ``W = W0 + ΔW_semi + s·ΔW_on``.
 
 AR-CoPO trains two LoRA adapters from the same base weights, ``"semi"`` (semi-on-policy: quality) and
-``"on_policy"`` (exploration: reward gain), and merges them at inference with a scale on the on-policy one (METHOD.md
-§6). Everything here works on adapters loaded into a pipeline with diffusers' LoRA machinery::
+``"on_policy"`` (exploration: reward gain), and merges them at inference with a scale on the on-policy one
+(docs/method.md §8). Everything here works on adapters loaded into a pipeline with diffusers' LoRA machinery::
 
     pipe.load_lora_weights("semi-lora", adapter_name="semi")
     pipe.load_lora_weights("on-policy-lora", adapter_name="on_policy")
