@@ -140,7 +140,9 @@ class ARCoPOConfig(TrainingArguments):
             Exploration radius `σ` of the noise forking, in `(0, 1]`. `1` makes the branches' pivot noises independent.
         epsilon (`float`, *optional*, defaults to `1e-4`):
             Ratio clipping value `ε`: ratios are clipped to `[1 - epsilon, 1 + epsilon_high]`. The paper uses a very
-            tight trust region.
+            tight trust region: the clip binds once an anchor's prediction has moved by about
+            `epsilon × distance_temperature / √2` of the candidates' spread (relative temperature), so at the second
+            update of a rollout most ratios are clipped unless the learning rate is small (docs/method.md §6.3).
         epsilon_high (`float`, *optional*):
             Upper clipping value. If `None`, `epsilon` is used (symmetric clipping).
         num_iterations (`int`, *optional*, defaults to `2`):
@@ -403,7 +405,11 @@ class ARCoPOConfig(TrainingArguments):
     )
     epsilon: float = field(
         default=1e-4,
-        metadata={"help": "Ratio clipping value: ratios are clipped to [1 - epsilon, 1 + epsilon_high]."},
+        metadata={
+            "help": "Ratio clipping value: ratios are clipped to [1 - epsilon, 1 + epsilon_high] (paper: 1e-4). With "
+            "a relative temperature the clip binds once an anchor moved by ~epsilon x distance_temperature / sqrt(2) "
+            "of the candidates' spread."
+        },
     )
     epsilon_high: float | None = field(
         default=None,
