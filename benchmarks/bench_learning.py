@@ -1,15 +1,16 @@
 """Does AR-CoPO learn? AR-CoPO (fork), the SDE-GRPO baseline and learning rate 0, on several rewards and seeds.
 
     python benchmarks/bench_learning.py --pipeline toy                   # the recorded figures (2 CPU cores)
-    python benchmarks/bench_learning.py --pipeline tiny --quick          # smoke test, seconds
+    python benchmarks/bench_learning.py --pipeline tiny --quick          # smoke test, about a minute
     python benchmarks/bench_learning.py --pipeline toy --rewards redness greenness --seeds 0 1 2 --steps 40
 
 Every run is an `ARCoPOTrainer` run (the real code path) with the preset of the pipeline (`trl-arcopo train --preset
 <pipeline>`) and the same budget: `--steps` optimizer steps on the same training prompts; the methods differ only in
 `exploration` ("fork" / "sde") and, for "lr0", `learning_rate=0`. Per run the script prints the reward gain on a fixed
 evaluation set (the same prompts and noises before and after training, so the gain is paired; its standard error is
-over the evaluation prompts), the ratio statistics of the last update that reused a rollout, the clipped fraction of
-those updates and the mean `reward_std`. Then a summary (mean ± s.e. over seeds), and two diagnostics:
+over the evaluation prompts), the final ratio statistics and clipped fraction (over the updates that reused a rollout
+in the second half of the run), the mean `reward_std` and `policy/self_prob`. Then a summary (mean ± s.e. over
+seeds), and two diagnostics:
 
 - the candidates' spread per sampler step (mean pairwise distance of the pivot chunk's x̂0, from the rollout groups
   of the runs): whether the sampler keeps the fork (AR-CoPO's regime) or erases it;
@@ -20,8 +21,9 @@ those updates and the mean `reward_std`. Then a summary (mean ± s.e. over seeds
   this script, which are differentiable.
 
 `--out` receives `results.json` and `learning_curves.png` (the reward of each rollout during training, mean over
-seeds with a ±1 s.e. band, one panel per reward, plus the spread per sampler step). Figures from the tiny pipeline (random weights) say
-nothing about the method: record toy-pipeline figures.
+seeds with a ±1 s.e. band, one panel per reward, plus the spread per sampler step). `--set FIELD=VALUE` changes an
+`ARCoPOConfig` value for every run (e.g. to choose a preset's `epsilon` or `distance_temperature` from measurements).
+Figures from the tiny pipeline (random weights) say nothing about the method: record toy-pipeline figures.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -97,8 +100,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_prompts", type=int, default=len(EVAL_PROMPTS), help="evaluation prompts (<= 8)")
     parser.add_argument("--cosine_groups", type=int, default=4, help="groups per reward and method for the cosine")
     parser.add_argument("--out", default="outputs/bench_learning", help="folder for results.json and the PNG")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="ARCoPOConfig values for every run on top of the preset (JSON values), e.g. distance_temperature=1.0",
+    )
     parser.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK}, {QUICK_TRAINING_ARGUMENTS}")
     args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set takes FIELD=VALUE pairs, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    args.set = overrides
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
@@ -129,9 +149,9 @@ def load_pipeline(name: str):
     return load_toy_pipeline()
 
 
-def training_arguments(pipeline: str, quick: bool = False) -> dict:
+def training_arguments(pipeline: str, quick: bool = False, overrides: dict | None = None) -> dict:
     """The `ARCoPOConfig` values of the `trl-arcopo train` preset named like the pipeline (smaller groups with
-    `quick`)."""
+    `quick`), then `overrides` (`--set`)."""
     from dataclasses import fields
 
     from trl_arcopo import ARCoPOConfig
@@ -140,8 +160,11 @@ def training_arguments(pipeline: str, quick: bool = False) -> dict:
     if pipeline not in PRESETS:
         sys.exit(f"`trl-arcopo train` has no preset {pipeline!r} (it has {sorted(PRESETS)}).")
     names = {f.name for f in fields(ARCoPOConfig)} - {"output_dir", "max_steps", "save_steps", "log_videos_steps"}
+    unknown = sorted(set(overrides or {}) - names)
+    if unknown:
+        sys.exit(f"--set: {unknown} are not ARCoPOConfig fields this script lets you set.")
     arguments = {key: value for key, value in PRESETS[pipeline].items() if key in names}
-    return {**arguments, **QUICK_TRAINING_ARGUMENTS} if quick else arguments
+    return {**arguments, **(QUICK_TRAINING_ARGUMENTS if quick else {}), **(overrides or {})}
 
 
 def reward_function(name: str):
@@ -164,7 +187,9 @@ def _config(args: argparse.Namespace, method: str, seed: int, steps: int, output
     if method == "lr0":
         overrides["learning_rate"] = 0.0
     fixed = {"max_steps": steps, "seed": seed, "save_strategy": "no", "report_to": "none", "disable_tqdm": True}
-    return ARCoPOConfig(output_dir, **{**training_arguments(args.pipeline, args.quick), **overrides, **fixed})
+    return ARCoPOConfig(
+        output_dir, **{**training_arguments(args.pipeline, args.quick, args.set), **overrides, **fixed}
+    )
 
 
 def _trainer(args: argparse.Namespace, reward: str, method: str, seed: int, steps: int, output_dir: str):
@@ -224,6 +249,8 @@ def train_run(args: argparse.Namespace, reward: str, method: str, seed: int, bef
     rollouts = [entry for entry in history if "reward" in entry]
     # Updates that reuse a rollout (ratio 1 by construction at the first one): where the ratio and the clip act.
     later = [entry for entry in history if "reward" not in entry] or history
+    final = later[len(later) // 2 :]  # the second half of the run
+    shapes = [entry["policy/self_prob"] for entry in history if "policy/self_prob" in entry]
     num_steps = len(trainer.pipeline.timesteps)
     gain, gain_se = mean_se([a - b for a, b in zip(after, before, strict=True)])
     return {
@@ -235,11 +262,12 @@ def train_run(args: argparse.Namespace, reward: str, method: str, seed: int, bef
         "gain_se": gain_se,
         "eval_before": sum(before) / len(before),
         "eval_after": sum(after) / len(after),
-        "ratio_mean": later[-1]["ratio/mean"],
-        "ratio_min": later[-1]["ratio/min"],
-        "ratio_max": later[-1]["ratio/max"],
-        "clip_fraction": sum(e["clip_ratio/region_mean"] for e in later) / len(later),
+        "ratio_mean": statistics.median(e["ratio/mean"] for e in final),
+        "ratio_min": statistics.median(e["ratio/min"] for e in final),
+        "ratio_max": statistics.median(e["ratio/max"] for e in final),
+        "clip_fraction": sum(e["clip_ratio/region_mean"] for e in final) / len(final),
         "reward_std": sum(e["reward_std"] for e in rollouts) / len(rollouts),
+        "self_prob": sum(shapes) / len(shapes) if shapes else math.nan,  # the surrogate policy (not SDE-GRPO's)
         "curve": {"step": [e["step"] for e in rollouts], "reward": [e["reward"] for e in rollouts]},
         "spread_per_step": [
             sum(e[f"rollout/candidate_distance/step_{s}"] for e in rollouts) / len(rollouts) for s in range(num_steps)
@@ -304,6 +332,38 @@ def update_direction_cosines(args: argparse.Namespace, reward: str, method: str)
 # ----------------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+RUN_HEADER = [
+    "reward",
+    "method",
+    "seed",
+    "gain ± s.e.",
+    "before → after",
+    "ratio/mean",
+    "ratio range",
+    "clip",
+    "reward_std",
+    "π(self)",
+]
+
+
+def run_row(run: dict) -> list:
+    """One run as a row of `RUN_HEADER`. The ratio and clip columns describe the updates that reused a rollout (the
+    first update of a rollout has ratio 1) in the second half of the run: medians of `ratio/mean`, `ratio/min` and
+    `ratio/max`, mean clipped fraction."""
+    return [
+        run["reward"],
+        run["method"],
+        run["seed"],
+        f"{run['gain']:+.4g} ± {run['gain_se']:.2g}",
+        f"{run['eval_before']:.4g} → {run['eval_after']:.4g}",
+        run["ratio_mean"],
+        f"{run['ratio_min']:.3g} … {run['ratio_max']:.3g}",
+        run["clip_fraction"],
+        run["reward_std"],
+        run["self_prob"],
+    ]
 
 
 def summarize(runs: list[dict], rewards: list[str], methods: list[str]) -> list[list]:
@@ -381,59 +441,19 @@ def main(argv: list[str] | None = None) -> dict:
         f"methods={args.methods}, eval prompts={args.eval_prompts}; torch {torch.__version__}, "
         f"{platform.machine()}, threads={torch.get_num_threads()}"
     )
-    print(f"# training arguments: {training_arguments(args.pipeline, args.quick)}")
+    print(f"# training arguments: {training_arguments(args.pipeline, args.quick, args.set)}")
     config = _config(args, "fork", 0, 1, tempfile.gettempdir())  # the video size of the evaluations
     runs = []
-    header = [
-        "reward",
-        "method",
-        "seed",
-        "gain ± s.e.",
-        "before → after",
-        "ratio/mean",
-        "ratio range",
-        "clip",
-        "reward_std",
-    ]
     for reward in args.rewards:
         before = evaluate(load_pipeline(args.pipeline), reward, config, args.eval_prompts)
         for seed in args.seeds:
             for method in args.methods:
-                run = train_run(args, reward, method, seed, before)
-                runs.append(run)
-                row = [
-                    reward,
-                    method,
-                    seed,
-                    f"{run['gain']:+.4g} ± {run['gain_se']:.2g}",
-                    f"{run['eval_before']:.4g} → {run['eval_after']:.4g}",
-                    run["ratio_mean"],
-                    f"{run['ratio_min']:.3g} … {run['ratio_max']:.3g}",
-                    run["clip_fraction"],
-                    run["reward_std"],
-                ]
-                print(markdown_table(header, [row]).splitlines()[-1], f"({run['seconds']:.0f} s)", flush=True)
+                runs.append(train_run(args, reward, method, seed, before))
+                line = markdown_table(RUN_HEADER, [run_row(runs[-1])]).splitlines()[-1]
+                print(line, f"({runs[-1]['seconds']:.0f} s)", flush=True)
 
     print("\n## Per run\n")
-    print(
-        markdown_table(
-            header,
-            [
-                [
-                    r["reward"],
-                    r["method"],
-                    r["seed"],
-                    f"{r['gain']:+.4g} ± {r['gain_se']:.2g}",
-                    f"{r['eval_before']:.4g} → {r['eval_after']:.4g}",
-                    r["ratio_mean"],
-                    f"{r['ratio_min']:.3g} … {r['ratio_max']:.3g}",
-                    r["clip_fraction"],
-                    r["reward_std"],
-                ]
-                for r in runs
-            ],
-        )
-    )
+    print(markdown_table(RUN_HEADER, [run_row(run) for run in runs]))
     print("\n## Summary (mean ± s.e. over seeds; 'gain > 2 s.e.' counts seeds)\n")
     summary_header = ["reward", "method", "seeds", "gain", "gain > 2 s.e.", "ratio/mean", "clip", "reward_std"]
     summary = summarize(runs, args.rewards, args.methods)
@@ -464,7 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results = {
         "arguments": vars(args),
-        "training_arguments": training_arguments(args.pipeline, args.quick),
+        "training_arguments": training_arguments(args.pipeline, args.quick, args.set),
         "runs": runs,
         "summary": [dict(zip(summary_header, row, strict=True)) for row in summary],
         "cosines": cosines,

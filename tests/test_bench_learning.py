@@ -67,6 +67,7 @@ def test_quick_run_on_the_tiny_pipeline(bench, tmp_path, capsys):
     assert set(runs) == {"fork", "sde", "lr0"}
     assert runs["lr0"]["gain"] == 0  # the same prompts and noises, an unchanged model: exactly the same videos
     assert runs["fork"]["gain"] != 0
+    assert 1 / 4 < runs["fork"]["self_prob"] < 1 and math.isnan(runs["sde"]["self_prob"])  # G = 4 in --quick
     spread = runs["sde"]["spread_per_step"]
     assert spread[0] == 0 and spread[1] > 0  # SDE branches share the initial noise and differ from the re-noise on
     assert all(s > 0 for s in runs["fork"]["spread_per_step"])
