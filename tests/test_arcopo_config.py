@@ -22,7 +22,7 @@ def _cuda_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-# Paper defaults (METHOD.md §7) and the project's choices for the options the paper leaves open.
+# Paper defaults (docs/method.md) and the project's choices for the options the paper leaves open.
 PAPER_DEFAULTS = {
     # model and LoRA
     "model_init_kwargs": None,
@@ -50,9 +50,11 @@ PAPER_DEFAULTS = {
     "epsilon": 1e-4,
     "epsilon_high": None,
     "num_iterations": 2,
-    "distance_temperature": 0.1,
+    "distance_temperature": 0.5,
     "temperature_mode": "relative",
     "advantage_normalization": "zscore",
+    "advantage_epsilon": 1e-6,
+    "advantage_epsilon_mode": "relative",
     "quasi_norm_p": 0.8,
     "advantage_clip": 5.0,
     "beta": 0.0,
@@ -158,9 +160,11 @@ def test_valid_non_default_config(tmp_path):
         epsilon=0.2,
         epsilon_high=0.28,
         num_iterations=1,
-        distance_temperature=0.5,
+        distance_temperature=0.25,
         temperature_mode="absolute",
         advantage_normalization="quasi_norm",
+        advantage_epsilon=1e-4,
+        advantage_epsilon_mode="absolute",
         quasi_norm_p=2.0,
         advantage_clip=None,
         beta=0.01,
@@ -254,6 +258,9 @@ INVALID = [
     ({"distance_temperature": 0.0}, "distance_temperature"),
     ({"temperature_mode": "auto"}, "temperature_mode"),
     ({"advantage_normalization": "std"}, "advantage_normalization"),
+    ({"advantage_epsilon": -1e-4}, "advantage_epsilon"),
+    ({"advantage_epsilon": math.nan}, "advantage_epsilon"),
+    ({"advantage_epsilon_mode": "batch"}, "advantage_epsilon_mode"),
     ({"quasi_norm_p": 0.0}, "quasi_norm_p"),
     ({"advantage_clip": 0.0}, "advantage_clip"),
     ({"advantage_clip": -1.0}, "advantage_clip"),

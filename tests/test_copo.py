@@ -19,10 +19,12 @@ from trl_arcopo.copo import (
     grpo_loss,
     mean_pairwise_distance,
     surrogate_log_probs,
+    surrogate_policy_stats,
 )
 
 F64 = torch.float64
-EPS = 1e-4  # default eps of group_advantages
+EPS = 1e-4  # the paper's (absolute) eps of the z-score
+PAPER_EPS = {"eps": EPS, "eps_mode": "absolute"}
 
 
 def t(values, dtype=F64) -> torch.Tensor:
@@ -97,6 +99,10 @@ def test_group_advantages_zscore_by_hand():
     s0 = math.sqrt(3.5) + EPS
     s1 = 1.0 + EPS
     expected = [[-2 / s0, -1 / s0, 0.0, 3 / s0], [-1 / s1, -1 / s1, 1 / s1, 1 / s1]]
+    assert_close(group_advantages(rewards, **PAPER_EPS), expected)
+    # relative: ε = 1e-6 · max|r| per group (6 and 2)
+    s0, s1 = math.sqrt(3.5) + 6e-6, 1.0 + 2e-6
+    expected = [[-2 / s0, -1 / s0, 0.0, 3 / s0], [-1 / s1, -1 / s1, 1 / s1, 1 / s1]]
     assert_close(group_advantages(rewards), expected)
     assert_close(group_advantages(rewards, normalization="none"), [[-2, -1, 0, 3], [-1, -1, 1, 1]])
 
@@ -104,31 +110,46 @@ def test_group_advantages_zscore_by_hand():
 def test_group_advantages_quasi_norm_by_hand():
     rewards = t([[1, 2, 3, 6], [0, 0, 2, 2]])
     q = 0.8
-    # row 0: c = [-2, -1, 0, 3]; (Σ|c|^q)^(1/q); scale G^(1/q) with G = 4
-    norm0 = (2**q + 1 + 0 + 3**q) ** (1 / q)
+    # A = c / (M + ε) with the quasi-norm mean M = (mean |c|^q)^(1/q) = (Σ|c|^q)^(1/q) / G^(1/q), G = 4
     g = 4 ** (1 / q)
-    row0 = [g * c / (norm0 + EPS) for c in (-2, -1, 0, 3)]
-    # row 1: c = [-1, -1, 1, 1]; norm = 4^(1/q) = G^(1/q), so A = ±G^(1/q) / (G^(1/q) + eps)
-    row1 = [sign * g / (g + EPS) for sign in (-1, -1, 1, 1)]
-    assert_close(group_advantages(rewards, normalization="quasi_norm", quasi_norm_p=q), [row0, row1])
-    # the numbers themselves: G^(1/q) = 4^1.25 = 5.656854..., norm0 = (1.741101 + 1 + 2.408225)^1.25 = 7.76...
+    m0 = (2**q + 1 + 0 + 3**q) ** (1 / q) / g  # row 0: c = [-2, -1, 0, 3]
+    row0 = [c / (m0 + EPS) for c in (-2, -1, 0, 3)]
+    row1 = [sign / (1 + EPS) for sign in (-1, -1, 1, 1)]  # row 1: c = ±1, M = 1
+    assert_close(group_advantages(rewards, normalization="quasi_norm", quasi_norm_p=q, **PAPER_EPS), [row0, row1])
+    # the numbers themselves: G^(1/q) = 4^1.25 = 5.656854..., Σ|c|^q = 1.741101 + 1 + 2.408225
     assert math.isclose(g, 5.656854249492381)
     assert row0[3] > 2.1  # quasi-norm emphasizes the outlier more than the z-score (3 / sqrt(3.5) = 1.60)
 
 
-def test_group_advantages_quasi_norm_p2_is_zscore():
+@pytest.mark.parametrize("eps", [{"eps": 0.0}, {}, PAPER_EPS])
+def test_group_advantages_quasi_norm_p2_is_zscore(eps):
     gen = torch.Generator().manual_seed(3)
     rewards = torch.randn(5, 12, generator=gen, dtype=F64) * 3 + 1
-    zscore = group_advantages(rewards, eps=0.0)
-    quasi = group_advantages(rewards, normalization="quasi_norm", quasi_norm_p=2.0, eps=0.0)
+    zscore = group_advantages(rewards, **eps)
+    quasi = group_advantages(rewards, normalization="quasi_norm", quasi_norm_p=2.0, **eps)
     assert_close(quasi, zscore, rtol=1e-10, atol=1e-10)
-    # with the default eps they agree up to O(eps)
-    torch.testing.assert_close(
-        group_advantages(rewards, normalization="quasi_norm", quasi_norm_p=2.0),
-        group_advantages(rewards),
-        atol=1e-3,
-        rtol=0,
-    )
+
+
+@pytest.mark.parametrize("normalization", ["zscore", "quasi_norm"])
+def test_group_advantages_relative_eps_does_not_depend_on_the_reward_units(normalization):
+    # Audit of issue 10: with an absolute ε = 1e-4, a reward in [0, 1] whose candidates differ by ~1e-5 (the tiny
+    # pipeline's brightness) gets |A| << 1, so groups weigh by their raw spread; the same reward in other units does
+    # not. A relative ε normalises every group whose spread is above rounding noise the same way.
+    gen = torch.Generator().manual_seed(4)
+    z = torch.randn(3, 8, generator=gen, dtype=F64)
+    rewards = 0.5 + z * t([[1e-5], [1e-3], [1e-1]])  # three groups, spreads 1e-5 .. 1e-1
+    relative = group_advantages(rewards, normalization=normalization, clip=None)
+    for scale in (1e-3, 1e3):
+        scaled = group_advantages(rewards * scale, normalization=normalization, clip=None)
+        assert_close(scaled, relative, rtol=1e-9, atol=1e-9)  # rounding of 0.5 + 1e-5·z
+    reference = group_advantages(z, normalization=normalization, clip=None, eps=0.0)  # the spread-free advantages
+    torch.testing.assert_close(relative, reference, rtol=0.05, atol=0)
+    absolute = group_advantages(rewards, normalization=normalization, clip=None, **PAPER_EPS)
+    assert absolute[0].abs().max() < 0.2 * reference[0].abs().max()  # the 1e-5 group is damped 10x
+    torch.testing.assert_close(absolute[2], reference[2], rtol=1e-2, atol=0)  # a wide group is not
+    # a spread at the rounding level of the rewards is damped in relative mode too
+    rounding = 0.5 + z[:1] * 1e-9
+    assert group_advantages(rounding, normalization=normalization).abs().max() < 0.01
 
 
 def test_group_advantages_clip():
@@ -136,10 +157,10 @@ def test_group_advantages_clip():
     rewards[0, 7] = 1.0
     # mean 0.01; outlier c = 0.99, others c = -0.01; population variance 0.01 * 0.99 = 0.0099
     std = math.sqrt(0.0099)
-    unclipped = group_advantages(rewards, clip=None)
+    unclipped = group_advantages(rewards, clip=None, **PAPER_EPS)
     assert math.isclose(unclipped[0, 7].item(), 0.99 / (std + EPS), rel_tol=1e-12)
     assert unclipped[0, 7].item() > 9.9
-    clipped = group_advantages(rewards)  # clip = 5 by default
+    clipped = group_advantages(rewards, **PAPER_EPS)  # clip = 5 by default
     assert clipped[0, 7].item() == 5.0
     others = torch.cat([clipped[0, :7], clipped[0, 8:]])
     assert_close(others, torch.full((99,), -0.01 / (std + EPS), dtype=F64))
@@ -152,18 +173,19 @@ def test_group_advantages_nan():
     # row 0: valid [1, 3]: mean 2, c = [-1, 1], population std 1; rows 1-2: fewer than 2 valid -> zeros
     a = 1 / (1 + EPS)
     expected = [[-a, 0, a], [0, 0, 0], [0, 0, 0]]
-    assert_close(group_advantages(rewards), expected)
-    norm = 2 ** (1 / 0.8)  # quasi-norm over the 2 valid entries: c = [-1, 1]
-    qa = norm / (norm + EPS)
-    assert_close(group_advantages(rewards, normalization="quasi_norm"), [[-qa, 0, qa], [0, 0, 0], [0, 0, 0]])
+    assert_close(group_advantages(rewards, **PAPER_EPS), expected)
+    # relative: ε = 1e-6 · max(|1|, |3|), the NaN is not part of the max
+    a = 1 / (1 + 3e-6)
+    assert_close(group_advantages(rewards), [[-a, 0, a], [0, 0, 0], [0, 0, 0]])
+    assert_close(group_advantages(rewards, normalization="quasi_norm"), [[-a, 0, a], [0, 0, 0], [0, 0, 0]])
     assert_close(group_advantages(rewards, normalization="none"), [[-1, 0, 1], [0, 0, 0], [0, 0, 0]])
 
 
 @pytest.mark.parametrize("normalization", ["zscore", "quasi_norm", "none"])
-@pytest.mark.parametrize("eps", [1e-4, 0.0])
+@pytest.mark.parametrize("eps", [PAPER_EPS, {"eps": 0.0}, {}])
 def test_group_advantages_constant_rewards_are_zero(normalization, eps):
     rewards = torch.full((2, 6), 3.7, dtype=F64)
-    out = group_advantages(rewards, normalization=normalization, eps=eps)
+    out = group_advantages(rewards, normalization=normalization, **eps)
     assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -174,6 +196,10 @@ def test_group_advantages_bad_arguments():
         group_advantages(torch.zeros(3))  # must be [N, G]
     with pytest.raises(ValueError):
         group_advantages(torch.zeros(1, 3), normalization="quasi_norm", quasi_norm_p=0.0)
+    with pytest.raises(ValueError, match="relative.*absolute"):
+        group_advantages(torch.zeros(1, 3), eps_mode="batch")
+    with pytest.raises(ValueError, match="eps"):
+        group_advantages(torch.zeros(1, 3), eps=-1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -197,9 +223,14 @@ def test_aggregate_normalize_then_sum():
     s1 = math.sqrt(1400 / 3) + EPS
     z0 = [-1 / s0, 0.0, 1 / s0]
     z1 = [-20 / s1, -10 / s1, 30 / s1]
-    out = aggregate_rewards(rewards, t([1.0, 0.5]), mode="normalize_then_sum")
+    out = aggregate_rewards(rewards, t([1.0, 0.5]), mode="normalize_then_sum", **PAPER_EPS)
     assert_close(out, [[a + 0.5 * b for a, b in zip(z0, z1, strict=True)]])
-    assert_close(aggregate_rewards(rewards, mode="normalize_then_sum"), [[a + b for a, b in zip(z0, z1, strict=True)]])
+    summed = aggregate_rewards(rewards, mode="normalize_then_sum", **PAPER_EPS)
+    assert_close(summed, [[a + b for a, b in zip(z0, z1, strict=True)]])
+    # relative ε (the default): 1e-6 · max|r| of each reward's group (3 and 60)
+    s0, s1 = math.sqrt(2 / 3) + 3e-6, math.sqrt(1400 / 3) + 6e-5
+    expected = [-1 / s0 - 20 / s1, -10 / s1, 1 / s0 + 30 / s1]
+    assert_close(aggregate_rewards(rewards, mode="normalize_then_sum"), [expected])
 
 
 def test_aggregate_rewards_nan():
@@ -210,13 +241,13 @@ def test_aggregate_rewards_nan():
     assert math.isnan(summed[0, 1].item())  # every reward missing -> stays missing
     # normalize_then_sum: reward 0 has valid [1, 3] at candidates 0, 2 -> [-1, ., 1] / (1 + eps);
     # reward 1 has a single valid value -> 0 everywhere; candidate 1 has no reward at all -> NaN
-    out = aggregate_rewards(rewards, mode="normalize_then_sum")
+    out = aggregate_rewards(rewards, mode="normalize_then_sum", **PAPER_EPS)
     a = 1 / (1 + EPS)
     assert math.isclose(out[0, 0].item(), -a) and math.isclose(out[0, 2].item(), a)
     assert math.isnan(out[0, 1].item())
     # the missing candidate gets advantage 0 downstream and is left out of the baseline
     # [1, NaN, 7]: valid [1, 7], mean 4, c = [-3, 3], population std 3
-    assert_close(group_advantages(summed), [[-3 / (3 + EPS), 0, 3 / (3 + EPS)]])
+    assert_close(group_advantages(summed, **PAPER_EPS), [[-3 / (3 + EPS), 0, 3 / (3 + EPS)]])
 
 
 def test_aggregate_rewards_bad_arguments():
@@ -397,6 +428,99 @@ def test_copo_ratio_is_one_at_first_update():
     per_anchor = advantages.expand(4, -1) * t([1.0, 2.0, 3.0, 4.0]).unsqueeze(1)
     loss, _ = copo_loss(log_probs, old_log_probs, per_anchor, epsilon=0.2)
     assert math.isclose(loss.item(), -per_anchor.mean().item(), rel_tol=1e-14)
+
+
+def _first_update_anchor_gradient(anchors, candidates, advantages, tau) -> torch.Tensor:
+    """d loss / d anchors at the first update (ρ = 1: π_old is the anchors' own policy)."""
+    old = surrogate_log_probs(anchors, candidates, tau)
+    theta = anchors.clone().requires_grad_()
+    loss, _ = copo_loss(surrogate_log_probs(theta, candidates, tau), old, advantages, epsilon=1e-4)
+    (grad,) = torch.autograd.grad(loss, theta)
+    return grad
+
+
+@pytest.mark.parametrize("factor", [0.1, 0.5, 1.0, 10.0])
+def test_first_update_gradient_is_the_advantage_weighted_sum_of_candidates(factor):
+    # With ρ = 1 and Σ_i A_i = 0 (group-normalised advantages), the softmax normaliser's term cancels:
+    # d J / d a = (1 / (A·G))·Σ_i A_i·∇ log π(i | a) = (2 / (τ·n·A·G))·Σ_i A_i·c_i for every anchor, whatever its
+    # position and whatever the shape of π_old. τ only scales the gradient (docs/method.md).
+    anchors, candidates, _ = _setup(num_anchors=3)
+    advantages = group_advantages(torch.randn(1, 6, generator=torch.Generator().manual_seed(5), dtype=F64))[0]
+    assert abs(advantages.sum().item()) < 1e-12
+    tau = distance_temperature(candidates, factor)
+    grad = _first_update_anchor_gradient(anchors, candidates, advantages, tau)
+    n, num_anchors, group = candidates[0].numel(), anchors.shape[0], candidates.shape[0]
+    expected = -2 / (tau * n * num_anchors * group) * (advantages.view(-1, 1, 1, 1) * candidates).sum(0)
+    assert_close(grad, expected.expand_as(grad), rtol=1e-10, atol=1e-14)
+
+
+def test_first_update_gradient_direction_does_not_depend_on_the_temperature():
+    # The audit of issue 10 measured a cosine of 1.0000 between τ = 0.1·D and τ = D on the tiny pipeline.
+    anchors, candidates, _ = _setup()
+    advantages = group_advantages(torch.randn(1, 6, generator=torch.Generator().manual_seed(6), dtype=F64))[0]
+    grads = {
+        f: _first_update_anchor_gradient(anchors, candidates, advantages, distance_temperature(candidates, f))
+        for f in (0.1, 1.0)
+    }
+    cosine = torch.nn.functional.cosine_similarity(grads[0.1].flatten(), grads[1.0].flatten(), dim=0)
+    assert cosine.item() > 1 - 1e-12
+    assert math.isclose(grads[0.1].norm().item(), 10 * grads[1.0].norm().item(), rel_tol=1e-10)  # norm ∝ 1/τ
+    # Without Σ A = 0 the normaliser does not cancel and the direction depends on τ
+    shifted = advantages + 1.0
+    a = _first_update_anchor_gradient(anchors, candidates, shifted, distance_temperature(candidates, 0.1))
+    b = _first_update_anchor_gradient(anchors, candidates, shifted, distance_temperature(candidates, 1.0))
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() < 0.999
+
+
+def test_relative_temperature_weights_each_step_by_the_reward_gradient():
+    # Candidates of sampler step s are an affine image of the same group, c_i = μ_s + k_s·δ_i (the sampler shrinks
+    # or grows the fork), and the reward is linear in δ, so dr/dc^s = w / k_s. Relative τ gives each step the anchor
+    # gradient (G / (f·n·std r))·Cov(δ)·w / k_s: the chain rule's 1/k_s (the "1/√D_s" of issue 10 is this factor);
+    # absolute τ weighs the steps by k_s instead.
+    gen = torch.Generator().manual_seed(12)
+    delta = torch.randn(32, 4, 5, generator=gen, dtype=F64)
+    w = torch.randn(4, 5, generator=gen, dtype=F64)
+    advantages = group_advantages((delta * w).sum((1, 2))[None])[0]
+    scales = [1.0, 0.1, 0.01]
+    per_step = {}
+    for mode, f in (("relative", 0.5), ("absolute", 0.05)):
+        per_step[mode] = []
+        for k in scales:
+            candidates = 3.0 + k * delta
+            tau = distance_temperature(candidates, f, mode)
+            per_step[mode].append(_first_update_anchor_gradient(candidates[:2], candidates, advantages, tau)[0])
+    direction = (advantages.view(-1, 1, 1) * delta).sum(0)
+    for mode, power in (("relative", 1), ("absolute", -1)):
+        rescaled = [g * k**power for g, k in zip(per_step[mode], scales, strict=True)]
+        for g in rescaled:
+            assert_close(g, rescaled[0], rtol=1e-8, atol=1e-12)
+        cosine = torch.nn.functional.cosine_similarity(-rescaled[0].flatten(), direction.flatten(), dim=0)
+        assert cosine.item() > 1 - 1e-12
+    # the advantage-weighted direction estimates the reward's gradient (projected on the G - 1 explored directions)
+    assert torch.nn.functional.cosine_similarity(direction.flatten(), w.flatten(), dim=0).item() > 0.5
+
+
+def test_surrogate_policy_stats():
+    # [T = 2, A = 2, G = 3]: a one-hot policy, a uniform one
+    one_hot = torch.log(t([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    uniform = torch.full((2, 3), -math.log(3), dtype=F64)
+    stats = surrogate_policy_stats(torch.stack([one_hot, uniform]), torch.tensor([0, 1]))
+    assert_close(stats["entropy"], [0.0, math.log(3)])
+    assert_close(stats["self_prob"], [1.0, 1 / 3])
+    # own index 2 for the first anchor: probability 0 there
+    assert_close(surrogate_policy_stats(one_hot, torch.tensor([2, 1]))["self_prob"], 0.5)
+    with pytest.raises(ValueError, match="own"):
+        surrogate_policy_stats(one_hot, torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize(("factor", "low", "high"), [(0.1, 0.99, 1.0), (0.5, 0.3, 0.7), (1.0, 0.15, 0.4)])
+def test_relative_temperature_sets_the_shape_of_the_old_policy(factor, low, high):
+    # π(self) ≈ 1 / (1 + (G - 1)·exp(-1/f)): one-hot at the old default 0.1, a distribution at 0.5 (the default)
+    candidates = torch.randn(8, 16, 3, 4, generator=torch.Generator().manual_seed(13))
+    log_probs = surrogate_log_probs(candidates, candidates, distance_temperature(candidates, factor))
+    self_prob = surrogate_policy_stats(log_probs, torch.arange(8))["self_prob"].item()
+    assert low < self_prob < high
+    assert math.isclose(self_prob, 1 / (1 + 7 * math.exp(-1 / factor)), rel_tol=0.1)
 
 
 def test_copo_loss_by_hand():

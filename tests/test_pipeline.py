@@ -171,7 +171,7 @@ def test_window_eviction_keeps_cache_size_and_sink():
         assert state.cache.frame_indices[:3] == [0, 1, 2]  # the sink is never evicted
     assert cached == [3, 6, 9, 12, 12, 12, 12]
     assert state.cache.frame_indices == [0, 1, 2, *range(12, 21)]
-    # The table of SELF_FORCING.md §6 for chunk 4: frames 0-2 and 6-14.
+    # Self-Forcing's rolling window with a 3-frame sink (docs/design.md), chunk 4: frames 0-2 and 6-14.
     assert attended_frames(12, 3, local_attn_size=12, sink_size=3) == [0, 1, 2, *range(6, 15)]
 
 

@@ -2,7 +2,7 @@
 
 AR-CoPO trains two LoRA adapters from the same base weights, ``"semi"`` (semi-on-policy: quality) and
 ``"on_policy"`` (exploration: reward gain), and merges them at inference with a scale on the on-policy one
-(docs/method.md). Everything here works on adapters loaded into a pipeline with diffusers' LoRA machinery::
+(docs/method.md §8). Everything here works on adapters loaded into a pipeline with diffusers' LoRA machinery::
 
     pipe.load_lora_weights("semi-lora", adapter_name="semi")
     pipe.load_lora_weights("on-policy-lora", adapter_name="on_policy")

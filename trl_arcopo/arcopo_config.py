@@ -15,6 +15,7 @@ _EXPLORATIONS = ("fork", "sde")
 _TRAINING_MODES = ("on_policy", "semi_on_policy")
 _TEMPERATURE_MODES = ("relative", "absolute")
 _ADVANTAGE_NORMALIZATIONS = ("zscore", "quasi_norm", "none")
+_ADVANTAGE_EPSILON_MODES = ("relative", "absolute")
 _MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 _REWARD_ERRORS = ("raise", "skip_group")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")  # `model_init_kwargs["dtype"]` as a string
@@ -143,26 +144,46 @@ class ARCoPOConfig(TrainingArguments):
             Exploration radius `σ` of the noise forking, in `(0, 1]`. `1` makes the branches' pivot noises independent.
         epsilon (`float`, *optional*, defaults to `1e-4`):
             Ratio clipping value `ε`: ratios are clipped to `[1 - epsilon, 1 + epsilon_high]`. The paper uses a very
-            tight trust region.
+            tight trust region: the clip binds once an anchor's prediction has moved by about
+            `epsilon × distance_temperature / √2` of the candidates' spread (relative temperature), so at the second
+            update of a rollout most ratios are clipped unless the learning rate is small (docs/method.md §6.3).
         epsilon_high (`float`, *optional*):
             Upper clipping value. If `None`, `epsilon` is used (symmetric clipping).
         num_iterations (`int`, *optional*, defaults to `2`):
             Number `μ` of policy updates per rollout group.
-        distance_temperature (`float`, *optional*, defaults to `0.1`):
+        distance_temperature (`float`, *optional*, defaults to `0.5`):
             Temperature `τ` of the contrastive softmax over negative distances between candidates and anchor. How it
-            is used depends on `temperature_mode`.
+            is used depends on `temperature_mode`. With the default relative mode, it sets the shape of the old
+            policy: an anchor keeps about `1 / (1 + (G - 1)·exp(-1/distance_temperature))` of the probability on its
+            own candidate (0.5 for `G = 8`, 0.4 for `G = 12`; watch `policy/self_prob`); below ~0.15 the policy is
+            one-hot and its ratios jump by orders of magnitude after one update. `τ` does not change the direction
+            of the first update of a rollout, only how fast the ratios leave the clip range afterwards
+            (see docs/method.md).
         temperature_mode (`str`, *optional*, defaults to `"relative"`):
             - `"relative"`: `τ = distance_temperature × mean pairwise distance among the candidates` (detached,
-              recomputed at every sampler step), which keeps the softmax neither one-hot nor flat;
-            - `"absolute"`: `τ = distance_temperature`.
+              recomputed at every sampler step): distances in units of the group's spread, so each step's gradient is
+              the reward's gradient with respect to that step's prediction, as in backpropagation through the
+              sampler;
+            - `"absolute"`: `τ = distance_temperature`, in units of the mean squared distance of latents (steps with
+              a larger spread then weigh more).
 
         advantage_normalization (`str`, *optional*, defaults to `"zscore"`):
             How rewards become advantages within a group:
 
-            - `"zscore"`: `(r - mean(r)) / (std(r) + 1e-4)`, as in the paper;
+            - `"zscore"`: `(r - mean(r)) / (std(r) + ε)`, as in the paper;
             - `"quasi_norm"`: Neighbor GRPO's quasi-norm reweighting with exponent `quasi_norm_p` (against reward
               flattening; `p = 2` is the z-score);
-            - `"none"`: `r - mean(r)`.
+            - `"none"`: `r - mean(r)`, so groups weigh by their raw reward spread.
+
+        advantage_epsilon (`float`, *optional*, defaults to `1e-6`):
+            `ε` added to the scale of the advantage normalization (and of the per-reward z-score of
+            `multi_objective_aggregation="normalize_then_sum"`), `>= 0`. Its unit depends on `advantage_epsilon_mode`.
+        advantage_epsilon_mode (`str`, *optional*, defaults to `"relative"`):
+            - `"relative"`: `ε = advantage_epsilon × max |r|` over the group, so advantages do not depend on the
+              reward's units: only a spread below `advantage_epsilon` of the rewards' magnitude (rounding noise) is
+              damped;
+            - `"absolute"`: `ε = advantage_epsilon` in the reward's units (the paper: `1e-4`); groups whose spread is
+              near or below it then weigh by their raw spread instead of being normalised.
 
         quasi_norm_p (`float`, *optional*, defaults to `0.8`):
             Exponent `q` of the quasi-norm reweighting, used when `advantage_normalization="quasi_norm"`.
@@ -399,7 +420,11 @@ class ARCoPOConfig(TrainingArguments):
     )
     epsilon: float = field(
         default=1e-4,
-        metadata={"help": "Ratio clipping value: ratios are clipped to [1 - epsilon, 1 + epsilon_high]."},
+        metadata={
+            "help": "Ratio clipping value: ratios are clipped to [1 - epsilon, 1 + epsilon_high] (paper: 1e-4). With "
+            "a relative temperature the clip binds once an anchor moved by ~epsilon x distance_temperature / sqrt(2) "
+            "of the candidates' spread."
+        },
     )
     epsilon_high: float | None = field(
         default=None,
@@ -410,17 +435,19 @@ class ARCoPOConfig(TrainingArguments):
         metadata={"help": "Number mu of policy updates per rollout group."},
     )
     distance_temperature: float = field(
-        default=0.1,
+        default=0.5,
         metadata={
             "help": "Temperature of the contrastive softmax over negative candidate-anchor distances; see "
-            "`temperature_mode`."
+            "`temperature_mode`. Relative: sets the old policy's shape, pi(self) ~ 1 / (1 + (G-1) exp(-1/value)) "
+            "(0.5 for G = 8); below ~0.15 the policy is one-hot."
         },
     )
     temperature_mode: str = field(
         default="relative",
         metadata={
             "help": "'relative': tau = `distance_temperature` x mean pairwise candidate distance (per step, "
-            "detached); 'absolute': tau = `distance_temperature`.",
+            "detached; each step then gets the reward's gradient w.r.t. its prediction); 'absolute': tau = "
+            "`distance_temperature` (steps with a larger spread weigh more).",
             "choices": list(_TEMPERATURE_MODES),
         },
     )
@@ -430,6 +457,21 @@ class ARCoPOConfig(TrainingArguments):
             "help": "How rewards become advantages within a group: 'zscore' (the paper), 'quasi_norm' (Neighbor "
             "GRPO's quasi-norm reweighting with exponent `quasi_norm_p`) or 'none' (centered rewards).",
             "choices": list(_ADVANTAGE_NORMALIZATIONS),
+        },
+    )
+    advantage_epsilon: float = field(
+        default=1e-6,
+        metadata={
+            "help": "Epsilon added to the advantage normalization's scale (>= 0), in the unit of "
+            "`advantage_epsilon_mode`."
+        },
+    )
+    advantage_epsilon_mode: str = field(
+        default="relative",
+        metadata={
+            "help": "'relative': epsilon = `advantage_epsilon` x max |reward| of the group (advantages independent "
+            "of the reward's units); 'absolute': epsilon = `advantage_epsilon` (the paper: 1e-4).",
+            "choices": list(_ADVANTAGE_EPSILON_MODES),
         },
     )
     quasi_norm_p: float = field(
@@ -760,9 +802,15 @@ class ARCoPOConfig(TrainingArguments):
                 "`epsilon`."
             )
         _check_int("num_iterations", self.num_iterations, minimum=1)
-        _check_positive("distance_temperature", self.distance_temperature, hint="use e.g. 0.1")
+        _check_positive("distance_temperature", self.distance_temperature, hint="use e.g. 0.5")
         _check_choice("temperature_mode", self.temperature_mode, _TEMPERATURE_MODES)
         _check_choice("advantage_normalization", self.advantage_normalization, _ADVANTAGE_NORMALIZATIONS)
+        if not (_is_finite_number(self.advantage_epsilon) and self.advantage_epsilon >= 0):
+            raise ValueError(
+                f"`advantage_epsilon` ({self.advantage_epsilon!r}) must be a finite number >= 0; use e.g. 1e-6 "
+                "(relative) or 1e-4 (absolute, the paper)."
+            )
+        _check_choice("advantage_epsilon_mode", self.advantage_epsilon_mode, _ADVANTAGE_EPSILON_MODES)
         _check_positive("quasi_norm_p", self.quasi_norm_p, hint="Neighbor GRPO uses 0.8")
         if self.advantage_clip is not None:
             _check_positive("advantage_clip", self.advantage_clip, hint="use e.g. 5.0, or None to disable clipping")

@@ -521,14 +521,16 @@ class ARCoPOTrainer(Trainer):
             aggregated = torch.full((1, args.num_generations), math.nan, dtype=torch.float64)
             advantages = torch.zeros(args.num_generations, dtype=torch.float64)
         else:
+            eps = {"eps": args.advantage_epsilon, "eps_mode": args.advantage_epsilon_mode}
             aggregated = copo.aggregate_rewards(
-                rewards[None], self.reward_column_weights, mode=args.multi_objective_aggregation
+                rewards[None], self.reward_column_weights, mode=args.multi_objective_aggregation, **eps
             )
             advantages = copo.group_advantages(
                 aggregated,
                 normalization=args.advantage_normalization,
                 quasi_norm_p=args.quasi_norm_p,
                 clip=args.advantage_clip,
+                **eps,
             )[0]
         if group.videos is not None:
             self._maybe_log_videos(row["prompt"], group)
@@ -555,8 +557,14 @@ class ARCoPOTrainer(Trainer):
                 metrics[f"rewards/{column}/std"].append(torch.nan_to_num(rewards[..., k].std(dim=1)).mean().item())
         metrics["rollout/pivot"].extend(self.accelerator.gather(torch.tensor(pivots, device=device)).tolist())
         metrics["rollout/seconds"].append(seconds)
-        distances = [copo.mean_pairwise_distance(g["group"].predictions[-1]).item() for g in groups]
-        metrics["rollout/candidate_distance"].append(sum(distances) / len(distances))
+        # The candidates' spread at every sampler step of the pivot chunk, averaged over the groups: how much of the
+        # fork each step keeps (the last step's is `rollout/candidate_distance`).
+        spreads = torch.stack(
+            [torch.stack([copo.mean_pairwise_distance(x0) for x0 in g["group"].predictions]) for g in groups]
+        ).mean(0)
+        metrics["rollout/candidate_distance"].append(spreads[-1].item())
+        for s, spread in enumerate(spreads.tolist()):
+            metrics[f"rollout/candidate_distance/step_{s}"].append(spread)
         return rewards
 
     # ---------------------------------------------------------------------------------------------- loss
@@ -631,16 +639,19 @@ class ARCoPOTrainer(Trainer):
             predicted = pipeline.predict_x0(rows, x_t, step_of_row).unflatten(0, (len(steps), num_anchors))
         candidates = group.predictions[steps]  # [S, G, C, f, H, W]
         log_probs, old_log_probs, ref_log_probs = [], [], []
-        reference = self._reference_predictions(rows, x_t, step_of_row, len(steps), num_anchors) if args.beta else None
+        reference = None
+        if args.beta:
+            reference = self._reference_predictions(group, x_t, step_of_row).unflatten(0, (len(steps), num_anchors))
         for j in range(len(steps)):
             tau = copo.distance_temperature(candidates[j], args.distance_temperature, args.temperature_mode)
             log_probs.append(copo.surrogate_log_probs(predicted[j], candidates[j], tau))
             old_log_probs.append(copo.surrogate_log_probs(candidates[j][anchors], candidates[j], tau))
             if reference is not None:
                 ref_log_probs.append(copo.surrogate_log_probs(reference[j], candidates[j], tau))
+        old_log_probs = torch.stack(old_log_probs)  # [S, B, G]
         loss, stats = copo.copo_loss(
             torch.stack(log_probs),
-            torch.stack(old_log_probs),
+            old_log_probs,
             item["advantages"].to(predicted.device),
             epsilon=args.epsilon,
             epsilon_high=args.epsilon_high,
@@ -648,12 +659,17 @@ class ARCoPOTrainer(Trainer):
             beta=args.beta,
         )
         self._record_loss_stats(stats)
+        self._record_policy_stats(copo.surrogate_policy_stats(old_log_probs, anchors), steps)
         return loss
 
     @torch.no_grad()
-    def _reference_predictions(self, rows, x_t, step_of_row, num_steps: int, num_anchors: int) -> torch.Tensor:
-        with self.pipeline.adapters_disabled():
-            return self.pipeline.predict_x0(rows, x_t, step_of_row).unflatten(0, (num_steps, num_anchors))
+    def _reference_predictions(self, group: RolloutGroup, x_t: torch.Tensor, step_of_row: list[int]) -> torch.Tensor:
+        """The reference policy's x̂0 ``[rows, C, f, H, W]`` for the step inputs ``x_t``: the adapters are disabled
+        for the prefix context too, which the reference policy would have computed itself."""
+        pipeline = self.pipeline
+        with pipeline.adapters_disabled():
+            context = rebuild_context(pipeline, group.prompt_embeds, group.prefix_latents)
+            return pipeline.predict_x0(pipeline.fork(context, x_t.shape[0]), x_t, step_of_row)
 
     def _sde_loss(self, model, group: RolloutGroup, advantages: torch.Tensor, context) -> torch.Tensor:
         """SDE-GRPO: Gaussian log-likelihood of each branch's recorded re-noise transitions of the pivot chunk."""
@@ -694,6 +710,14 @@ class ARCoPOTrainer(Trainer):
         }
         for key, value in stats.items():
             metrics[names[key]].append(value.item())
+
+    def _record_policy_stats(self, policy: dict[str, torch.Tensor], steps: list[int]) -> None:
+        """``policy/entropy`` and ``policy/self_prob`` of π_old, over the trained steps and per sampler step."""
+        metrics = self._metrics["train"]
+        for name, per_step in policy.items():
+            metrics[f"policy/{name}"].append(per_step.mean().item())
+            for s, value in zip(steps, per_step.tolist(), strict=True):
+                metrics[f"policy/{name}/step_{s}"].append(value)
 
     # ---------------------------------------------------------------------------------------------- eval
 

@@ -5,13 +5,14 @@ shared noise (`fork_noise`), scores every branch, and turns the group's rewards 
 (`aggregate_rewards`, `group_advantages`). The policy is a surrogate categorical distribution over the candidates:
 an anchor prediction `a` (the model's clean estimate x̂0 for one candidate at one sampler step) picks candidate `i`
 with probability `softmax_i(-d_i(a) / τ)`, where `d_i` is the mean squared distance to the candidate's recorded x̂0
-(`candidate_distances`, `distance_temperature`, `surrogate_log_probs`). The loss is the PPO-style clipped surrogate
-of the ratio between the current and the old anchor's categorical policy (`clipped_surrogate`, `copo_loss`), with an
-optional exact categorical KL to the reference (`categorical_kl`). The SDE-GRPO baseline uses the exact Gaussian
-likelihood of the sampler's re-noising step instead (`gaussian_renoise_log_prob`, `grpo_loss`).
+(`candidate_distances`, `distance_temperature`, `surrogate_log_probs`, `surrogate_policy_stats`). The loss is the
+PPO-style clipped surrogate of the ratio between the current and the old anchor's categorical policy
+(`clipped_surrogate`, `copo_loss`), with an optional exact categorical KL to the reference (`categorical_kl`). The
+SDE-GRPO baseline uses the exact Gaussian likelihood of the sampler's re-noising step instead
+(`gaussian_renoise_log_prob`, `grpo_loss`).
 
-Only torch here: no model, no I/O, no logging. Statistics are returned as detached scalar tensors.
-See `docs/METHOD.md` (sections 3, 4 and 9) for the specification.
+Only torch here: no model, no I/O, no logging. Statistics are returned as detached tensors.
+`docs/method.md` states every equation and why the defaults are what they are.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ADVANTAGE_EPSILON_MODES",
     "ADVANTAGE_NORMALIZATIONS",
     "REWARD_AGGREGATIONS",
     "TEMPERATURE_MODES",
@@ -37,9 +39,11 @@ __all__ = [
     "grpo_loss",
     "mean_pairwise_distance",
     "surrogate_log_probs",
+    "surrogate_policy_stats",
 ]
 
 ADVANTAGE_NORMALIZATIONS = ("zscore", "quasi_norm", "none")
+ADVANTAGE_EPSILON_MODES = ("relative", "absolute")
 REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 TEMPERATURE_MODES = ("relative", "absolute")
 
@@ -128,16 +132,23 @@ def group_advantages(
     normalization: str = "zscore",
     quasi_norm_p: float = 0.8,
     clip: float | None = 5.0,
-    eps: float = 1e-4,
+    eps: float = 1e-6,
+    eps_mode: str = "relative",
 ) -> Tensor:
     """Group-relative advantages.
 
-    With `c = r - nanmean(r)` per group:
+    With `c = r - nanmean(r)` per group, `A = c / (M + ε')` where the scale `M` is
 
-    - `"zscore"`: `A = c / (std + eps)`, with the population standard deviation of the group's valid rewards;
-    - `"quasi_norm"` (Neighbor GRPO, against reward flattening): `A = G_v^(1/q)·c / ((Σ_k |c_k|^q)^(1/q) + eps)` with
-      `q = quasi_norm_p` and `G_v` the number of valid rewards (`q = 2` is the z-score up to `eps`);
-    - `"none"`: `A = c`.
+    - `"zscore"`: the population standard deviation of the group's valid rewards;
+    - `"quasi_norm"` (Neighbor GRPO, against reward flattening): the quasi-norm mean `(mean_k |c_k|^q)^(1/q)` with
+      `q = quasi_norm_p` (`q = 2` is the z-score exactly);
+    - `"none"`: no scale, `A = c`.
+
+    `ε' = eps` with `eps_mode="absolute"` (the paper: `1e-4`, in the reward's units), or `ε' = eps · max_k |r_k|` with
+    `eps_mode="relative"`, so that the advantages do not depend on the units of the reward: a spread below `eps` of
+    the rewards' magnitude counts as rounding noise, any larger spread is normalised like any other group. (An
+    absolute `ε` weights groups whose spread is near or below `ε` by their raw spread, e.g. every group of a reward
+    in [0, 1] whose candidates differ by 1e-5.)
 
     Then `A` is clamped to `[-clip, clip]` when `clip` is set. Missing rewards (NaN) get advantage 0 and do not enter
     the group statistics; a group with fewer than 2 valid rewards, or whose valid rewards are all equal, gets exactly
@@ -148,13 +159,16 @@ def group_advantages(
         normalization: one of `ADVANTAGE_NORMALIZATIONS`.
         quasi_norm_p: the exponent `q > 0` of `"quasi_norm"`.
         clip: bound on `|A|`, or `None` for no clipping.
-        eps: added to the scale (`>= 0`).
+        eps: `>= 0`, added to the scale (see `eps_mode`).
+        eps_mode: one of `ADVANTAGE_EPSILON_MODES`.
 
     Returns:
         Advantages, `[N, G]`, without NaN.
     """
     if normalization not in ADVANTAGE_NORMALIZATIONS:
         raise ValueError(f"Unknown normalization {normalization!r}; expected one of {ADVANTAGE_NORMALIZATIONS}")
+    if eps_mode not in ADVANTAGE_EPSILON_MODES:
+        raise ValueError(f"Unknown eps_mode {eps_mode!r}; expected one of {ADVANTAGE_EPSILON_MODES}")
     if rewards.dim() != 2:
         raise ValueError(f"rewards must have shape [N, G], got {tuple(rewards.shape)}")
     if clip is not None and not clip > 0:
@@ -165,17 +179,16 @@ def group_advantages(
         rewards = rewards.to(torch.get_default_dtype())
 
     centered, valid, n_valid = _centered(rewards)
-    if normalization == "zscore":
-        std = (centered.square().sum(dim=-1, keepdim=True) / n_valid.clamp(min=1)).sqrt()
-        advantages = _safe_divide(centered, std + eps)
-    elif normalization == "quasi_norm":
-        q = float(quasi_norm_p)
+    if normalization == "none":
+        advantages = centered
+    else:
+        q = 2.0 if normalization == "zscore" else float(quasi_norm_p)
         if not q > 0:
             raise ValueError(f"quasi_norm_p must be > 0, got {quasi_norm_p}")
-        norm = centered.abs().pow(q).sum(dim=-1, keepdim=True).pow(1.0 / q)
-        advantages = _safe_divide(n_valid.pow(1.0 / q) * centered, norm + eps)
-    else:
-        advantages = centered
+        scale = (centered.abs().pow(q).sum(dim=-1, keepdim=True) / n_valid.clamp(min=1)).pow(1.0 / q)
+        if eps_mode == "relative":
+            eps = eps * torch.where(valid, rewards.abs(), 0.0).amax(dim=-1, keepdim=True)
+        advantages = _safe_divide(centered, scale + eps)
 
     if clip is not None:
         advantages = advantages.clamp(-clip, clip)
@@ -187,14 +200,21 @@ def group_advantages(
     return torch.where(informative & valid, advantages, torch.zeros_like(advantages))
 
 
-def aggregate_rewards(rewards: Tensor, weights: Tensor | None = None, *, mode: str = "sum_then_normalize") -> Tensor:
+def aggregate_rewards(
+    rewards: Tensor,
+    weights: Tensor | None = None,
+    *,
+    mode: str = "sum_then_normalize",
+    eps: float = 1e-6,
+    eps_mode: str = "relative",
+) -> Tensor:
     """Combine `K` reward functions into one reward per candidate (TRL `multi_objective_aggregation`).
 
     - `"sum_then_normalize"`: the weighted sum over `K`, skipping missing values (nansum); the caller then computes
       advantages with `group_advantages`.
-    - `"normalize_then_sum"` (GDPO): each reward is first z-scored within its group (population std, `eps = 1e-4`, a
-      missing value contributes 0), then the weighted sum over `K` is taken; the caller then applies
-      `group_advantages` again.
+    - `"normalize_then_sum"` (GDPO): each reward is first z-scored within its group (`group_advantages` with `eps`
+      and `eps_mode`, no clip; a missing value contributes 0), then the weighted sum over `K` is taken; the caller
+      then applies `group_advantages` again.
 
     In both modes a candidate whose `K` rewards are all missing stays NaN, so that `group_advantages` leaves it out of
     the group statistics and gives it advantage 0.
@@ -203,6 +223,7 @@ def aggregate_rewards(rewards: Tensor, weights: Tensor | None = None, *, mode: s
         rewards: `[N, G, K]`, NaN = missing.
         weights: `[K]`, defaults to ones.
         mode: one of `REWARD_AGGREGATIONS`.
+        eps, eps_mode: the z-score's `ε` for `"normalize_then_sum"` (see `group_advantages`).
 
     Returns:
         Aggregated rewards, `[N, G]`.
@@ -225,7 +246,7 @@ def aggregate_rewards(rewards: Tensor, weights: Tensor | None = None, *, mode: s
     if mode == "normalize_then_sum":
         n, g, k = rewards.shape
         per_func = rewards.permute(0, 2, 1).reshape(n * k, g)  # [N·K, G]: one group per (prompt, reward function)
-        normalized = group_advantages(per_func, normalization="zscore", clip=None, eps=1e-4)
+        normalized = group_advantages(per_func, normalization="zscore", clip=None, eps=eps, eps_mode=eps_mode)
         rewards = normalized.reshape(n, k, g).permute(0, 2, 1)  # [N, G, K], no NaN
     total = torch.nansum(rewards * weights, dim=-1)
     return torch.where(unscorable, torch.full_like(total, float("nan")), total)
@@ -290,8 +311,12 @@ def distance_temperature(candidates: Tensor, temperature: float, mode: str = "re
     """The softmax temperature `τ` of the surrogate policy.
 
     - `"relative"` (project default): `τ = temperature × mean_pairwise_distance(candidates)`, detached and clamped to
-      a tiny positive value, so the softmax is neither one-hot nor flat whatever the scale of the step's predictions;
-    - `"absolute"`: `τ = temperature`.
+      a tiny positive value. Distances are then measured in units of the group's spread, so the surrogate policy has
+      the same shape at every sampler step whatever the scale of its predictions (`temperature` sets the shape: about
+      `π(self) = 1 / (1 + (G - 1)·exp(-1/temperature))`, one-hot below ~0.15), and a reward that is linear in the
+      candidates gives every step the gradient of the reward with respect to that step's prediction
+      (`docs/method.md`);
+    - `"absolute"`: `τ = temperature`, in the units of `candidate_distances`.
 
     Args:
         candidates: `[G, *S]` (`G >= 2` for `"relative"`).
@@ -328,6 +353,34 @@ def surrogate_log_probs(anchors: Tensor, candidates: Tensor, temperature: Tensor
         raise ValueError(f"temperature must be > 0, got {temperature}")
     distances = candidate_distances(anchors, candidates)
     return torch.log_softmax(-distances / temperature, dim=-1)
+
+
+def surrogate_policy_stats(log_probs: Tensor, own: Tensor) -> dict[str, Tensor]:
+    """The shape of a surrogate policy: its entropy and the probability an anchor gives to its own candidate.
+
+    A one-hot policy (`self_prob` ≈ 1, entropy ≈ 0) is not a distribution over the candidates any more: its ratios
+    jump by orders of magnitude as soon as the anchor moves. A flat one (entropy ≈ `log G`) does not tell the
+    candidates apart.
+
+    Args:
+        log_probs: `[..., A, G]` from `surrogate_log_probs`, e.g. `[T, A, G]` for `T` sampler steps.
+        own: `[A]` the index of each anchor's own candidate.
+
+    Returns:
+        `{"entropy": [...], "self_prob": [...]}`: the mean over the `A` anchors of the entropy (nats) and of
+        `π(own | anchor)`, detached.
+    """
+    if own.shape != log_probs.shape[-2:-1]:
+        raise ValueError(
+            f"own must have shape [A] = [{log_probs.shape[-2]}], got {tuple(own.shape)} for log_probs "
+            f"{tuple(log_probs.shape)}"
+        )
+    with torch.no_grad():
+        probs = log_probs.exp()
+        entropy = -torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1).mean(dim=-1)
+        index = own.to(log_probs.device).view(-1, 1).expand(*log_probs.shape[:-1], 1)
+        self_prob = probs.gather(-1, index).squeeze(-1).mean(dim=-1)
+    return {"entropy": entropy, "self_prob": self_prob}
 
 
 def categorical_kl(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -81,7 +81,7 @@ def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torc
 
 @dataclass
 class GroupNoise:
-    """All randomness of one rollout group (METHOD.md §3 step 1 and the fork of step 4).
+    """All randomness of one rollout group (docs/method.md §3, steps 1 and 4).
 
     Attributes:
         initial: ``[1, C, F, H, W]`` shared initial noise ``ε*`` of every chunk.
@@ -173,7 +173,7 @@ def generate_group(
     noise: GroupNoise | None = None,
     decode: bool = True,
 ) -> RolloutGroup:
-    """Roll out one group of ``num_generations`` videos for one prompt (METHOD.md §3).
+    """Roll out one group of ``num_generations`` videos for one prompt (docs/method.md §3).
 
     One set of shared randomness (:class:`GroupNoise`, drawn from ``generator`` unless ``noise`` is given) holds the
     initial noise ``ε*_c`` of every chunk and every re-noise draw ``η_{c,s}``. Chunks before ``pivot`` are generated

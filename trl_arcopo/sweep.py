@@ -1,4 +1,4 @@
-"""Choose the merge scale ``s`` of ``W = W0 + ΔW_semi + s·ΔW_on`` with the dual-benchmark rule (METHOD.md §6).
+"""Choose the merge scale ``s`` of ``W = W0 + ΔW_semi + s·ΔW_on`` with the dual-benchmark rule (docs/method.md §8).
 
 The base model and every scale are evaluated on the same prompts and seeds with an in-domain reward (the one that
 was optimized) and an independent out-of-domain metric; the selected scale is the largest one that improves BOTH

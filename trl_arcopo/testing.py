@@ -63,7 +63,7 @@ _PUNCTUATION = (".", ",", "!", "?", "'", '"', "-", ":", ";", "(", ")")
 
 
 def tiny_transformer_config() -> dict[str, Any]:
-    """Keyword arguments of a tiny `WanTransformer3DModel` (SELF_FORCING.md §13): 28 k parameters, 69 tensors.
+    """Keyword arguments of a tiny `WanTransformer3DModel` (Wan2.1's architecture in miniature): 28 k parameters, 69 tensors.
 
     2 heads x head_dim 12 (inner dim 24), text_dim 32 (= the tiny text encoder's d_model), ffn_dim 32, 2 layers,
     rope_max_seq_len 32 (so at most 32 latent frames).
@@ -105,7 +105,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_components(seed: int = 0, **transformer_overrides: Any) -> dict[str, Any]:
-    """Tiny float32 Wan2.1 components (SELF_FORCING.md §13), built fully offline, all modules in eval mode.
+    """Tiny float32 Wan2.1 components (the real classes at toy sizes), built fully offline, all modules in eval mode.
 
     Args:
         seed: `torch.manual_seed(seed)` is called before building each module.

@@ -171,7 +171,7 @@ def convert_self_forcing_state_dict(state_dict: Mapping[str, torch.Tensor]) -> d
     """Rename an original Self-Forcing / CausalWanModel state dict to `WanTransformer3DModel` names.
 
     Wrapper prefixes (`model.`, `_fsdp_wrapped_module.`, `_orig_mod.`, `_checkpoint_wrapped_module.`) are removed, then
-    every key is renamed by the table of SELF_FORCING.md §8 (e.g. `blocks.0.self_attn.q.weight` ->
+    every key is renamed by `_RENAME_RULES` (e.g. `blocks.0.self_attn.q.weight` ->
     `blocks.0.attn1.to_q.weight`, `blocks.0.norm3.weight` -> `blocks.0.norm2.weight`, `head.head.weight` ->
     `proj_out.weight`). Tensors are neither copied nor reshaped (e.g. `blocks.N.modulation` [1, 6, dim] becomes
     `blocks.N.scale_shift_table` [1, 6, dim]). Keys matching no rule keep their (stripped) name, so a strict load

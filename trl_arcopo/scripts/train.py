@@ -46,8 +46,8 @@ TINY_PROMPTS = [
     "a bird flying over the mountains",
 ]
 
-# Defaults of each preset (YAML keys and flags override them). The AR-CoPO hyper-parameters of the paper (METHOD.md
-# §7: G=12, σ=0.5, B=4, ε=1e-4, μ=2, LoRA 64/128, lr 1e-5, 81x480x832) are the `ARCoPOConfig` defaults.
+# Defaults of each preset (YAML keys and flags override them). The AR-CoPO hyper-parameters of the paper
+# (docs/method.md §12: G=12, σ=0.5, B=4, ε=1e-4, μ=2, LoRA 64/128, lr 1e-5, 81x480x832) are the `ARCoPOConfig` defaults.
 PRESETS: dict[str, dict] = {
     "tiny": {
         **TINY_TRAINING_ARGS,
