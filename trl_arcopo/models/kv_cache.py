@@ -524,6 +524,11 @@ def _output(attn: nn.Module, out: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(dtype)))
 
 
+# The processors below compute the projections, norms and RoPE in traced code and call an eager `attend` (excluded
+# from torch.compile) for the attention over the cache and the output projection. Nothing but `attend`'s result
+# crosses the graph break, so the graphs around it see the same inputs whatever the cache holds.
+
+
 class _RuntimeProcessor:
     """An attention processor of block ``layer`` that reads the shared :class:`CausalAttentionRuntime`."""
 
@@ -552,11 +557,14 @@ class CausalWanSelfAttnProcessor(_RuntimeProcessor):
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
             query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
-        return _output(attn, self.attend(query, key, value, attention_mask), query.dtype)
+        return self.attend(attn, query, key, value, attention_mask)
 
     @torch.compiler.disable
-    def attend(self, query, key, value, attention_mask=None) -> torch.Tensor:
-        """Attention ``[B, S, H, D]`` of the input's tokens over the plan's cache and themselves."""
+    def attend(self, attn, query, key, value, attention_mask=None) -> torch.Tensor:
+        """Output ``[B, S, dim]`` of the attention of the input's tokens over the plan's cache and themselves."""
+        return _output(attn, self._attention(query, key, value, attention_mask), query.dtype)
+
+    def _attention(self, query, key, value, attention_mask) -> torch.Tensor:
         plan = self.runtime.plan
         if plan is None:
             return _attention(query, key, value, attention_mask)
@@ -599,20 +607,22 @@ class CausalWanCrossAttnProcessor(_RuntimeProcessor):
         if attn.add_k_proj is not None:
             raise NotImplementedError("Image-conditioned (I2V) Wan transformers are not supported by the causal port.")
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        return _output(attn, self.attend(attn, query, encoder_hidden_states, attention_mask), query.dtype)
+        return self.attend(attn, query, encoder_hidden_states, attention_mask)
 
     @torch.compiler.disable
     def attend(self, attn, query, context, attention_mask=None) -> torch.Tensor:
+        """Output ``[B, S, dim]`` of the attention of the input's tokens over the text ``context``."""
         plan = self.runtime.plan
         cache = plan.cross if plan is not None else None
         if cache is None:
-            key, value = _project_kv(attn, context)
-            return _attention(query, key, value, attention_mask)
+            out = _attention(query, *_project_kv(attn, context), attention_mask)
+            return _output(attn, out, query.dtype)
         # `context` is the cached text projection: one row per `repeat` rows of the query.
         if self.layer not in cache.keys:
             cache.keys[self.layer], cache.values[self.layer] = _project_kv(attn, context)
         key, value = cache.keys[self.layer], cache.values[self.layer]
-        return _unfold(_attention(_fold(query, cache.repeat), key, value, attention_mask), cache.repeat)
+        out = _unfold(_attention(_fold(query, cache.repeat), key, value, attention_mask), cache.repeat)
+        return _output(attn, out, query.dtype)
 
 
 class CausalWanTextProjection(PixArtAlphaTextProjection):

@@ -278,6 +278,18 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         elif sink:
             raise ValueError(f"`sink_size`={sink} needs a window: set `local_attn_size` (e.g. 12) or sink_size=0.")
 
+    def compile(self, **kwargs) -> None:
+        """Compile the transformer's blocks with ``torch.compile`` (diffusers' regional compilation,
+        ``transformer.compile_repeated_blocks``); ``kwargs`` go to ``torch.compile`` (e.g. ``mode``, ``backend``).
+
+        Every block compiles to one set of graphs shared by all blocks: shapes in a block do not depend on the chunk,
+        the step, the pivot or the cache length (the attention over the KV cache runs eagerly between the graphs),
+        so generation never recompiles after the first call of a batch size (``dynamic=None``, the default, makes
+        the batch dimension dynamic when a second batch size appears). Generation and the differentiable update
+        (``predict_x0`` with grad, gradient checkpointing included) both run compiled.
+        """
+        self.transformer.compile_repeated_blocks(**kwargs)
+
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         """The base generator inside the block: the transformer's LoRA adapters, if any, are disabled."""
