@@ -412,3 +412,79 @@ def test_predict_x0_with_one_step_per_row_matches_separate_calls():
         torch.testing.assert_close(batched[i : i + 1], pipe.predict_x0(state, x[i : i + 1], s), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="`step` has 2 entries for 4 rows"):
         pipe.predict_x0(rows, x, [0, 1])
+
+
+# ---------------------------------------------------------------------------------------------------- compile
+
+
+def _compile_counters():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_pipeline_matches_eager_without_recompiling():
+    """`pipe.compile()` gives the eager outputs, and after one call per kind of batch (batch 1, two other batch
+    sizes, a forked group) no chunk, step, pivot, branch count or video length compiles anything again."""
+    from trl_arcopo.rollout import generate_group
+
+    torch._dynamo.reset()
+    eager, compiled = tiny_causal_wan_pipeline(), tiny_causal_wan_pipeline()
+    compiled.compile(backend="aot_eager")
+    for pipe in (eager, compiled):
+        pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(7, 16, 32, generator=g)
+
+    def video(pipe, batch, chunks):
+        noise = torch.randn(batch, 16, 3 * chunks, 4, 4, generator=torch.Generator().manual_seed(batch))
+        return pipe(prompt_embeds=embeds[:batch], latents=noise, output_type="latent", generator=g.manual_seed(1))
+
+    def group(pipe, generations, pivot):
+        kwargs = {"num_generations": generations, "latent_shape": (16, 15, 4, 4), "pivot": pivot, "decode": False}
+        return generate_group(pipe, embeds[:1], generator=torch.Generator().manual_seed(pivot), **kwargs).latents
+
+    for batch in (1, 2, 5):
+        torch.testing.assert_close(video(compiled, batch, 2).frames, video(eager, batch, 2).frames, atol=1e-5, rtol=0)
+    torch.testing.assert_close(group(compiled, 4, 1), group(eager, 4, 1), atol=1e-5, rtol=0)
+    graphs = _compile_counters()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(video(compiled, 7, 5).frames, video(eager, 7, 5).frames, atol=1e-5, rtol=0)
+        for generations, pivot in ((9, 0), (3, 4)):
+            torch.testing.assert_close(
+                group(compiled, generations, pivot), group(eager, generations, pivot), atol=1e-5, rtol=0
+            )
+    assert _compile_counters() == graphs
+
+
+def test_compiled_update_forward_matches_eager_gradients():
+    """The differentiable forward of the update (one step per row, gradient checkpointing) runs compiled."""
+    from peft import LoraConfig
+
+    torch._dynamo.reset()
+    pipes = []
+    for compile_ in (False, True):
+        pipe = tiny_causal_wan_pipeline()
+        pipe.transformer.add_adapter(
+            LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+        )
+        pipe.transformer.enable_gradient_checkpointing()
+        if compile_:
+            pipe.compile(backend="aot_eager")
+        pipes.append(pipe)
+    g = torch.Generator().manual_seed(0)
+    embeds, prefix, x = (
+        torch.randn(1, 16, 32, generator=g),
+        torch.randn(1, 16, 6, 4, 4, generator=g),
+        torch.randn(4, 16, 3, 4, 4, generator=g),
+    )
+    grads = []
+    for pipe in pipes:
+        state = pipe.init_state(embeds)
+        for c in range(2):
+            pipe.commit_chunk(state, prefix[:, :, 3 * c : 3 * c + 3])
+        pipe.predict_x0(pipe.fork(state, 4), x, [0, 1, 2, 3]).square().sum().backward()
+        grads.append({n: p.grad for n, p in pipe.transformer.named_parameters() if p.requires_grad})
+    assert _compile_counters() > 0
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
