@@ -6,6 +6,11 @@ the script checks that they produce the same video and prints time(cached) / tim
 
     python benchmarks/bench_pipeline.py                       # tiny + medium on CPU, float32
     python benchmarks/bench_pipeline.py --sizes full --device cuda --dtype bfloat16 --batch-sizes 1 4 --skip-naive
+    python benchmarks/bench_pipeline.py --sizes medium --attention-shapes   # the KV cache's attention shapes
+
+``--attention-shapes`` times the self-attention of every pass of a video two ways: over the filled part of the
+preallocated cache (one key length per chunk, what the pipeline does) and over the whole buffer with the empty slots
+masked (one key length for all chunks, what a CUDA graph of the full transformer step would need).
 
 On a GPU the script also prints seconds per video, generated frames per second and peak memory (absolute figures are
 only meaningful there; record them in docs/benchmarks.md).
@@ -21,6 +26,7 @@ import time
 
 import torch
 from diffusers import WanTransformer3DModel
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from trl_arcopo import CausalWanPipeline
 from trl_arcopo.models.self_forcing import WAN_1_3B_CONFIG, cast_transformer
@@ -85,6 +91,39 @@ def timed(fn, device: str, repeats: int):
     return statistics.median(times), out
 
 
+def attention_shapes(pipe: CausalWanPipeline, size: str, batch: int, device: str, dtype, repeats: int) -> None:
+    """Self-attention time of one video: keys of the filled cache prefix vs the whole buffer with a mask."""
+    _, frames, height, width, _ = SIZES[size]
+    config = pipe.transformer.config
+    chunk, tokens = pipe.config.num_frame_per_block, (height // 2) * (width // 2)
+    passes = len(pipe.timesteps) + 1  # the steps and the cache refresh of each chunk
+    shape = (batch, frames * tokens, config.num_attention_heads, config.attention_head_dim)
+    keys, values = torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype)
+    query = torch.randn(batch, chunk * tokens, *shape[2:], device=device, dtype=dtype)
+    slots = torch.arange(frames * tokens, device=device)
+
+    def run(masked: bool) -> None:
+        for end in range(chunk * tokens, frames * tokens + 1, chunk * tokens):
+            if masked:
+                mask = torch.zeros(frames * tokens, device=device, dtype=dtype).masked_fill(
+                    slots >= end, float("-inf")
+                )
+                args = (keys, values, mask.expand(batch, -1))
+            else:
+                args = (keys[:, :end], values[:, :end])
+            for _ in range(passes):
+                dispatch_attention_fn(query, *args[:2], attn_mask=args[2] if masked else None)
+
+    run(False), run(True)  # warm-up
+    sliced = statistics.median(timed(functools.partial(run, False), device, 1)[0] for _ in range(repeats))
+    masked = statistics.median(timed(functools.partial(run, True), device, 1)[0] for _ in range(repeats))
+    print(
+        f"{size:7s} {batch:5d}  attention per video: filled prefix {sliced:.3f} s, whole buffer + mask {masked:.3f} s "
+        f"(masked / sliced = {masked / sliced:.2f})",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "medium"], choices=sorted(SIZES))
@@ -93,12 +132,19 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-naive", action="store_true", help="only time the cached path (absolute figures)")
+    parser.add_argument("--attention-shapes", action="store_true", help="time the cache attention's two shapes")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, device={args.device}, "
         f"dtype={args.dtype}, threads={torch.get_num_threads()}, repeats={args.repeats} (median)"
     )
+    if args.attention_shapes:
+        for size in args.sizes:
+            pipe, _ = build(size, args.device, dtype)
+            for batch in args.batch_sizes:
+                attention_shapes(pipe, size, batch, args.device, dtype, args.repeats)
+        return
     print("size    batch  frames  tokens/frame  cached_s  naive_s  cached/naive  max_abs_diff  s/video  fps  peak_GiB")
     for size in args.sizes:
         pipe, (frames, height, width, text_tokens) = build(size, args.device, dtype)

@@ -99,17 +99,11 @@ def test_parity_breaks_without_cache_refresh(reference):
     for c in range(3):
         draws = [reference["step_noise"][(c, s)] for s in range(3)]
         record = pipe.denoise_chunk(state, reference["noise"][:, :, 3 * c : 3 * c + 3], step_noise=draws)
-        state.cache = state.cache.append(_segment_from_last_denoising_pass(pipe, state, record))
+        # Commit the keys/values that the noisy last denoising step wrote instead of a clean context pass (a known bug).
+        state.cache.commit(state.frame_offset, 3)
         state.chunks.append(record.latents)
         state.frame_offset += 3
     assert (state.latents - reference["expected"]["latents"]).abs().max() > 1e-2
-
-
-def _segment_from_last_denoising_pass(pipe, state, record):
-    """Keys/values of the noisy last denoising step instead of the clean context pass (a known bug)."""
-    with pipe.runtime.cached(state.cache, state.frame_offset, record=True):
-        pipe._transformer(record.inputs[-1], pipe.timesteps[-1], state.prompt_embeds)
-        return pipe.runtime.pop_recorded(state.frame_offset, 3)
 
 
 @pytest.mark.parametrize(
@@ -161,30 +155,31 @@ def test_masked_reference_is_not_trivially_equal():
 def test_window_eviction_keeps_cache_size_and_sink():
     pipe = tiny_causal_wan_pipeline(local_attn_size=12, sink_size=3)
     state = pipe.init_state(torch.randn(1, 16, 32))
-    cached = []
+    cached, buffers = [], set()
     for c in range(7):
-        attended = state.cache.window(state.frame_offset, 3).frame_indices
+        attended = state.cache.attended(state.frame_offset, 3)
         assert attended + list(range(3 * c, 3 * c + 3)) == attended_frames(3 * c, 3, local_attn_size=12, sink_size=3)
         record = pipe.denoise_chunk(state, torch.randn(1, 16, 3, 4, 4))
         pipe.commit_chunk(state, record.latents)
         cached.append(state.cache.num_frames)
+        buffers.add((state.cache.own.keys[0].data_ptr(), tuple(state.cache.own.keys[0].shape)))
         assert state.cache.frame_indices[:3] == [0, 1, 2]  # the sink is never evicted
     assert cached == [3, 6, 9, 12, 12, 12, 12]
     assert state.cache.frame_indices == [0, 1, 2, *range(12, 21)]
+    # One buffer of 12 frames (sink + ring) for the whole video: evicted frames are overwritten in place.
+    assert buffers == {(state.cache.own.keys[0].data_ptr(), (1, 12 * 4, 2, 12))}
     # Self-Forcing's rolling window with a 3-frame sink (docs/design.md), chunk 4: frames 0-2 and 6-14.
     assert attended_frames(12, 3, local_attn_size=12, sink_size=3) == [0, 1, 2, *range(6, 15)]
 
 
 def _generate_streaming(pipe, prompt_embeds, noise, step_noise, fork_at=None, branches=1):
     """Chunk loop over the streaming API, optionally forking into identical branches before chunk `fork_at`."""
-    state = pipe.init_state(prompt_embeds)
+    state = pipe.init_state(prompt_embeds, num_frames=noise.shape[2])
     prefix_snapshot = None
     num_chunks = noise.shape[2] // 3
     for c in range(num_chunks):
         if c == fork_at:
-            prefix_snapshot = [
-                (k.clone(), k._version) for segment in state.cache.segments for k in (*segment.keys, *segment.values)
-            ]
+            prefix_snapshot = [(k.clone(), k._version) for k in _cache_tensors(state.cache)]
             prefix_state = state
             state = pipe.fork(state, branches)
         rows = state.batch_size
@@ -196,11 +191,16 @@ def _generate_streaming(pipe, prompt_embeds, noise, step_noise, fork_at=None, br
         record = pipe.denoise_chunk(state, chunk_noise, step_noise=draws)
         pipe.commit_chunk(state, record.latents)
     if prefix_snapshot is not None:
-        current = [k for segment in prefix_state.cache.segments for k in (*segment.keys, *segment.values)]
+        current = _cache_tensors(prefix_state.cache)
         for (before, version), after in zip(prefix_snapshot, current, strict=True):
             assert torch.equal(before, after) and after._version == version
         assert prefix_state.frame_offset == 3 * fork_at and len(prefix_state.chunks) == fork_at
     return state
+
+
+def _cache_tensors(cache):
+    levels = [view.level for view in cache.views] + ([cache.own] if cache.own is not None else [])
+    return [t for level in levels for t in (*level.keys.values(), *level.values.values())]
 
 
 @pytest.mark.parametrize("pivot", [0, 1, 3])
@@ -218,16 +218,19 @@ def test_fork_with_identical_noise_reproduces_unforked_run(pivot):
 
 def test_fork_shares_prefix_storage():
     pipe = tiny_causal_wan_pipeline()
-    state = pipe.init_state(torch.randn(1, 16, 32))
+    state = pipe.init_state(torch.randn(1, 16, 32), num_frames=12)
     for _ in range(2):
         pipe.commit_chunk(state, pipe.denoise_chunk(state, torch.randn(1, 16, 3, 4, 4)).latents)
     branches = pipe.fork(state, 5)
-    for a, b in zip(state.cache.segments, branches.cache.segments, strict=True):
-        assert all(x.data_ptr() == y.data_ptr() for x, y in zip(a.keys, b.keys, strict=True))
-        assert b.repeat == 5 and b.batch_size == 5
-    # Branches that diverge at the pivot give different videos; the prefix chunks stay the branch's own copies.
+    (view,) = branches.cache.views
+    assert view.level is state.cache.own and view.repeat == 5 and view.frames == tuple(range(6))
+    assert branches.cache.own is None and branches.cache.frame_indices == list(range(6))
+    # Branches that diverge at the pivot give different videos; each branch stores only the chunks after the fork,
+    # in a level preallocated for the rest of the video (2 chunks of 16 tokens), and reads the prefix in place.
     pipe.commit_chunk(branches, pipe.denoise_chunk(branches, torch.randn(5, 16, 3, 4, 4)).latents)
-    assert len(branches.cache.segments) == 3 and branches.cache.segments[-1].repeat == 1
+    assert branches.cache.views == (view,) and tuple(branches.cache.own.keys[0].shape) == (5, 6 * 4, 2, 12)
+    assert tuple(state.cache.own.keys[0].shape) == (1, 12 * 4, 2, 12)
+    assert branches.cache.frame_indices == list(range(9))
     assert (branches.chunks[-1][0] - branches.chunks[-1][1]).abs().max() > 1e-3
     torch.testing.assert_close(branches.chunks[0], state.chunks[0].expand(5, -1, -1, -1, -1))
 
@@ -510,3 +513,79 @@ def test_predict_x0_with_one_step_per_row_matches_separate_calls():
         torch.testing.assert_close(batched[i : i + 1], pipe.predict_x0(state, x[i : i + 1], s), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="`step` has 2 entries for 4 rows"):
         pipe.predict_x0(rows, x, [0, 1])
+
+
+# ---------------------------------------------------------------------------------------------------- compile
+
+
+def _compile_counters():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_pipeline_matches_eager_without_recompiling():
+    """`pipe.compile()` gives the eager outputs, and after one call per kind of batch (batch 1, two other batch
+    sizes, a forked group) no chunk, step, pivot, branch count or video length compiles anything again."""
+    from trl_arcopo.rollout import generate_group
+
+    torch._dynamo.reset()
+    eager, compiled = tiny_causal_wan_pipeline(), tiny_causal_wan_pipeline()
+    compiled.compile(backend="aot_eager")
+    for pipe in (eager, compiled):
+        pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(7, 16, 32, generator=g)
+
+    def video(pipe, batch, chunks):
+        noise = torch.randn(batch, 16, 3 * chunks, 4, 4, generator=torch.Generator().manual_seed(batch))
+        return pipe(prompt_embeds=embeds[:batch], latents=noise, output_type="latent", generator=g.manual_seed(1))
+
+    def group(pipe, generations, pivot):
+        kwargs = {"num_generations": generations, "latent_shape": (16, 15, 4, 4), "pivot": pivot, "decode": False}
+        return generate_group(pipe, embeds[:1], generator=torch.Generator().manual_seed(pivot), **kwargs).latents
+
+    for batch in (1, 2, 5):
+        torch.testing.assert_close(video(compiled, batch, 2).frames, video(eager, batch, 2).frames, atol=1e-5, rtol=0)
+    torch.testing.assert_close(group(compiled, 4, 1), group(eager, 4, 1), atol=1e-5, rtol=0)
+    graphs = _compile_counters()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(video(compiled, 7, 5).frames, video(eager, 7, 5).frames, atol=1e-5, rtol=0)
+        for generations, pivot in ((9, 0), (3, 4)):
+            torch.testing.assert_close(
+                group(compiled, generations, pivot), group(eager, generations, pivot), atol=1e-5, rtol=0
+            )
+    assert _compile_counters() == graphs
+
+
+def test_compiled_update_forward_matches_eager_gradients():
+    """The differentiable forward of the update (one step per row, gradient checkpointing) runs compiled."""
+    from peft import LoraConfig
+
+    torch._dynamo.reset()
+    pipes = []
+    for compile_ in (False, True):
+        pipe = tiny_causal_wan_pipeline()
+        pipe.transformer.add_adapter(
+            LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+        )
+        pipe.transformer.enable_gradient_checkpointing()
+        if compile_:
+            pipe.compile(backend="aot_eager")
+        pipes.append(pipe)
+    g = torch.Generator().manual_seed(0)
+    embeds, prefix, x = (
+        torch.randn(1, 16, 32, generator=g),
+        torch.randn(1, 16, 6, 4, 4, generator=g),
+        torch.randn(4, 16, 3, 4, 4, generator=g),
+    )
+    grads = []
+    for pipe in pipes:
+        state = pipe.init_state(embeds)
+        for c in range(2):
+            pipe.commit_chunk(state, prefix[:, :, 3 * c : 3 * c + 3])
+        pipe.predict_x0(pipe.fork(state, 4), x, [0, 1, 2, 3]).square().sum().backward()
+        grads.append({n: p.grad for n, p in pipe.transformer.named_parameters() if p.requires_grad})
+    assert _compile_counters() > 0
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -151,7 +151,7 @@ def rebuild_context(
 ) -> CausalGenerationState:
     """The KV context ``h_{p-1}`` of committed clean ``prefix_latents`` ``[B, C, p·f, H, W]``, recomputed by the
     pipeline's current weights (no grad): the context of a loss evaluation after the policy has moved."""
-    state = pipeline.init_state(prompt_embeds)
+    state = pipeline.init_state(prompt_embeds, num_frames=prefix_latents.shape[2])
     chunk = pipeline.config.num_frame_per_block
     for start in range(0, prefix_latents.shape[2], chunk):
         pipeline.commit_chunk(state, prefix_latents[:, :, start : start + chunk])
@@ -205,7 +205,7 @@ def generate_group(
         )
     num_chunks = latent_shape[1] // chunk
 
-    prefix = pipeline.init_state(prompt_embeds)
+    prefix = pipeline.init_state(prompt_embeds, num_frames=latent_shape[1])
     for c in range(pivot):
         record = pipeline.denoise_chunk(
             prefix, noise.initial[:, :, c * chunk : (c + 1) * chunk], step_noise=noise.draws[c]

@@ -1,37 +1,55 @@
-"""Block-causal attention with a KV cache on the stock ``diffusers.WanTransformer3DModel``.
+"""Block-causal attention with a static KV cache on the stock ``diffusers.WanTransformer3DModel``.
 
-Nothing here adds weights: :func:`enable_causal_attention` swaps the self-attention processors of every block, the
-cross-attention processors and the RoPE module for versions that read a shared :class:`CausalAttentionRuntime`. The
-pipeline configures that runtime before each transformer call (which cache to read, at which absolute frame, whether
-to record the pass' keys/values). With the runtime idle the model computes exactly what the stock model computes.
+Nothing here adds weights: :func:`enable_causal_attention` swaps the attention processors of every block, the RoPE
+module and the text projection for versions that read a shared :class:`CausalAttentionRuntime`. The pipeline hands
+the runtime an :class:`AttentionPlan` before each transformer call (which cache to read and write, at which absolute
+frame). With no plan the model computes exactly what the stock model computes.
 
-Cache layout: a :class:`KVCache` is an immutable tuple of :class:`CacheSegment`, one per committed chunk, each holding
-per-layer keys (after ``norm_k`` and RoPE, at absolute frame positions) and values ``[b, tokens, heads, head_dim]``.
-Forking never copies a segment: it multiplies the segment's ``repeat`` (row ``i`` of the state batch reads stored row
-``i // repeat``), and branch batches are only materialised transiently when attention reads them.
+Cache layout: a :class:`KVCache` owns at most one :class:`CacheLevel`, per-layer key/value buffers
+``[rows, capacity * tokens_per_frame, heads, head_dim]`` preallocated for the frames the state can still attend to
+(the rest of the video, or the window). Every pass writes its keys/values (after ``norm_k`` and RoPE, at absolute
+frame positions) in place into the slots of its chunk and attends to the filled slots; committing a chunk only marks
+its slots as part of the context. With a window the slots after the sink form a ring, so the buffer never grows.
+Forking never copies a level: the forked cache reads its parent's level as a read-only :class:`LevelView` with a
+``repeat`` (row ``i`` of the state reads stored row ``i // repeat``) and writes later chunks into a level of its own.
+Attention over several levels is computed per level, the shared prefix once for all branches (the branch rows fold
+into the query length), and the parts are merged with their log-sum-exp (exact, as in cascade attention).
+
+The attention over the cache runs eagerly (``torch.compiler.disable``): its key length changes from chunk to chunk,
+while everything else in a block keeps static shapes, so a compiled block never recompiles across chunks, steps,
+pivots or branch counts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import PixArtAlphaTextProjection
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 __all__ = [
-    "CacheSegment",
+    "AttentionPlan",
+    "CacheLevel",
     "CausalAttentionRuntime",
     "CausalWanCrossAttnProcessor",
     "CausalWanSelfAttnProcessor",
+    "CausalWanTextProjection",
     "CrossAttentionCache",
     "KVCache",
+    "LevelView",
     "OffsetWanRotaryPosEmbed",
     "attended_frames",
+    "attention_with_lse",
     "block_causal_mask",
+    "cross_attention_weights_version",
     "enable_causal_attention",
     "tokens_per_frame",
 ]
@@ -93,228 +111,402 @@ def _expand_rows(tensor: torch.Tensor, repeat: int) -> torch.Tensor:
     return tensor.repeat_interleave(repeat, dim=0)
 
 
-@dataclass(frozen=True)
-class CacheSegment:
-    """Keys and values of ``num_frames`` consecutive latent frames written by one context (commit) pass.
+# ---------------------------------------------------------------------------------------------------- attention
+
+
+def attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention ``[B, Sq, H, D]`` and the natural log-sum-exp ``[B, Sq, H]`` (float32) of its scaled scores.
+
+    Uses the fused kernels' own log-sum-exp output (CPU flash attention; CUDA flash attention for half precision,
+    memory-efficient attention otherwise) and the explicit formula on other devices. Not differentiable in the
+    log-sum-exp: only no-grad passes merge attention parts.
+    """
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    elif q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    elif q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    else:
+        scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        lse = scores.logsumexp(-1)
+        out = ((scores - lse.unsqueeze(-1)).exp() @ v.float()).to(q.dtype)
+    # The memory-efficient kernel pads the log-sum-exp to a multiple of 32 queries.
+    return out.transpose(1, 2), lse[..., : q.shape[2]].transpose(1, 2).float()
+
+
+def _merge_attention(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Exact attention over the union of key sets from per-set outputs ``[B, S, H, D]`` and log-sum-exps ``[B, S, H]``."""
+    lse = torch.stack([p[1] for p in parts])
+    weights = torch.softmax(lse, dim=0).unsqueeze(-1)  # each set's share of the total softmax mass
+    out = sum(w * o.float() for w, (o, _) in zip(weights, parts, strict=True))
+    return out.to(parts[0][0].dtype)
+
+
+def _fold(tensor: torch.Tensor, repeat: int) -> torch.Tensor:
+    """``[b * repeat, S, ...] -> [b, repeat * S, ...]``: rows that share keys become one longer query (a view)."""
+    return tensor if repeat == 1 else tensor.unflatten(0, (-1, repeat)).flatten(1, 2)
+
+
+def _unfold(tensor: torch.Tensor, repeat: int) -> torch.Tensor:
+    """Inverse of :func:`_fold`."""
+    return tensor if repeat == 1 else tensor.unflatten(1, (repeat, -1)).flatten(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------- cache
+
+
+def _token_index(slots: list[int], tokens: int, device: torch.device) -> slice | torch.Tensor:
+    """Token positions of frame ``slots`` (``tokens`` per frame): a slice when contiguous, else an index tensor."""
+    slots = sorted(slots)
+    if slots == list(range(slots[0], slots[-1] + 1)):
+        return slice(slots[0] * tokens, (slots[-1] + 1) * tokens)
+    return (torch.tensor(slots, device=device)[:, None] * tokens + torch.arange(tokens, device=device)).flatten()
+
+
+def _take(tensor: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
+    return tensor[:, index] if isinstance(index, slice) else tensor.index_select(1, index)
+
+
+def _span(start: int, count: int) -> range:
+    return range(start, start + count)
+
+
+class CacheLevel:
+    """Keys/values of ``rows`` videos for up to ``capacity`` latent frames from ``frame_start``, written in place.
+
+    Frame ``f`` lives in slot ``f - frame_start`` for the first ``sink_slots`` frames and in a ring of the remaining
+    slots after them, so a windowed cache overwrites exactly the frames its window has left. Buffers are allocated
+    by the first write of each layer: ``[rows, capacity * tokens, heads, head_dim]`` (``tokens`` per frame).
 
     Attributes:
-        keys / values: one tensor per transformer block, ``[b, num_frames * tokens_per_frame, heads, head_dim]``.
-            Never modified in place; forks and windows share them.
-        frame_start: absolute index of the first latent frame.
-        num_frames: number of latent frames.
-        repeat: each stored row serves ``repeat`` consecutive rows of the batch that reads the cache.
+        slot_frames: the frame whose keys/values each slot holds (-1: empty).
+        committed_end: frames ``< committed_end`` are committed context; other filled slots belong to a chunk that
+            was denoised but not committed, and are overwritten by the next pass.
+        shared: a fork reads this level; its owner copies it before overwriting committed frames.
     """
 
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-    frame_start: int
-    num_frames: int
-    repeat: int = 1
+    def __init__(
+        self, rows: int, frame_start: int, capacity: int, sink_slots: int, tokens: int, device: torch.device
+    ) -> None:
+        self.rows, self.frame_start, self.capacity = rows, frame_start, capacity
+        self.sink_slots, self.tokens, self.device = sink_slots, tokens, device
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.slot_frames = [-1] * capacity
+        self.committed_end = frame_start
+        self.shared = False
 
-    @property
-    def frame_end(self) -> int:
-        return self.frame_start + self.num_frames
+    def slot(self, frame: int) -> int:
+        offset = frame - self.frame_start
+        if offset < self.sink_slots:
+            return offset
+        return self.sink_slots + (offset - self.sink_slots) % (self.capacity - self.sink_slots)
 
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0] * self.repeat
+    def committed_frames(self) -> list[int]:
+        return sorted(f for f in self.slot_frames if 0 <= f < self.committed_end)
 
-    def frames(self, start: int, end: int) -> CacheSegment:
-        """The sub-segment of absolute frames ``[start, end)`` as views of the same storage."""
-        tpf = self.keys[0].shape[1] // self.num_frames
-        lo, hi = (start - self.frame_start) * tpf, (end - self.frame_start) * tpf
-        return replace(
-            self,
-            keys=tuple(k[:, lo:hi] for k in self.keys),
-            values=tuple(v[:, lo:hi] for v in self.values),
-            frame_start=start,
-            num_frames=end - start,
+    def token_index(self, frames: list[int]) -> slice | torch.Tensor:
+        return _token_index([self.slot(f) for f in frames], self.tokens, self.device)
+
+    def write(self, layer: int, index: slice | torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write ``key``/``value`` ``[rows, tokens, heads, head_dim]`` of ``layer`` at token ``index``."""
+        if layer not in self.keys:
+            shape = (self.rows, self.capacity * self.tokens, *key.shape[2:])
+            self.keys[layer], self.values[layer] = key.new_empty(shape), value.new_empty(shape)
+        if isinstance(index, slice):
+            self.keys[layer][:, index] = key
+            self.values[layer][:, index] = value
+        else:
+            self.keys[layer].index_copy_(1, index, key)
+            self.values[layer].index_copy_(1, index, value)
+
+    def resized(self, capacity: int) -> CacheLevel:
+        """A new level with ``capacity`` slots holding this level's committed frames (this level is unchanged)."""
+        new = CacheLevel(
+            self.rows, self.frame_start, capacity, min(self.sink_slots, capacity), self.tokens, self.device
         )
+        for frame in self.committed_frames():
+            source, target = self.token_index([frame]), new.token_index([frame])
+            for layer in self.keys:
+                new.write(layer, target, self.keys[layer][:, source], self.values[layer][:, source])
+            new.slot_frames[new.slot(frame)] = frame
+        new.committed_end = self.committed_end
+        return new
 
 
 @dataclass(frozen=True)
-class KVCache:
-    """Immutable self-attention cache of the committed chunks of a (batch of) video(s).
+class LevelView:
+    """Read-only access of a forked cache to an ancestor's level: its ``frames`` committed at fork time, each stored
+    row serving ``repeat`` consecutive rows of the state."""
+
+    level: CacheLevel
+    frames: tuple[int, ...]
+    repeat: int
+
+
+@dataclass(frozen=True)
+class _Read:
+    level: CacheLevel
+    index: slice | torch.Tensor
+    repeat: int
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What the causal processors do during one transformer call (built by the pipeline, read by every layer).
 
     Attributes:
-        segments: committed segments in frame order.
+        frame_offset: absolute latent frame of the input's first frame (RoPE positions).
+        reads: cache levels to attend to, each with the token index of its attended slots and its ``repeat``.
+        write: the level and token index that the input's own keys/values are written to (no-grad passes); None
+            keeps them out of the cache (differentiable passes attend to them directly).
+        cross: per-prompt text context reused across calls (no-grad passes only).
+        attention_mask: dense boolean self-attention mask ``[S, S]`` of a full block-causal forward (no cache).
+    """
+
+    frame_offset: int = 0
+    reads: tuple[_Read, ...] = ()
+    write: tuple[CacheLevel, slice | torch.Tensor] | None = None
+    cross: CrossAttentionCache | None = None
+    attention_mask: torch.Tensor | None = None
+
+
+class KVCache:
+    """Self-attention cache of the committed chunks of a state's videos (see the module docstring).
+
+    Args:
         local_attn_size: attention window in latent frames including the current chunk (-1: global).
         sink_size: first latent frames that are never evicted.
+        num_frames: latent frames of the whole video, if known: a global cache then allocates its level once for
+            them (otherwise the level grows by doubling).
     """
 
-    segments: tuple[CacheSegment, ...] = ()
-    local_attn_size: int = -1
-    sink_size: int = 0
+    def __init__(
+        self,
+        local_attn_size: int = -1,
+        sink_size: int = 0,
+        num_frames: int | None = None,
+        *,
+        views: tuple[LevelView, ...] = (),
+        end: int = 0,
+    ) -> None:
+        self.local_attn_size, self.sink_size, self.max_frames = local_attn_size, sink_size, num_frames
+        self.views = views
+        self.own: CacheLevel | None = None
+        self.end = end  # first frame after the committed context
 
-    @property
-    def num_frames(self) -> int:
-        return sum(s.num_frames for s in self.segments)
+    # ------------------------------------------------------------------ what the cache holds
+
+    def _retained(self, frame: int) -> bool:
+        """Whether the window of the next chunk still reaches ``frame``."""
+        if self.local_attn_size == -1:
+            return True
+        return frame < self.sink_size or frame >= self.end - (self.local_attn_size - self.sink_size)
 
     @property
     def frame_indices(self) -> list[int]:
-        return [f for s in self.segments for f in range(s.frame_start, s.frame_end)]
+        """Committed frames that the next chunk can still attend to, ascending."""
+        frames = [f for view in self.views for f in view.frames]
+        if self.own is not None:
+            frames += self.own.committed_frames()
+        return sorted(f for f in frames if self._retained(f))
 
-    def window(self, chunk_start: int, chunk_frames: int) -> KVCache:
-        """The part of the cache a chunk starting at ``chunk_start`` attends to (views; nothing is copied)."""
-        if self.local_attn_size == -1:
-            return self
-        keep = set(
-            attended_frames(
-                chunk_start,
-                chunk_frames,
-                local_attn_size=self.local_attn_size,
-                sink_size=self.sink_size,
-            )
+    @property
+    def num_frames(self) -> int:
+        return len(self.frame_indices)
+
+    def attended(self, chunk_start: int, chunk_frames: int) -> list[int]:
+        """The cached frames that a chunk starting at ``chunk_start`` attends to."""
+        window = set(self._window(chunk_start, chunk_frames))
+        return [f for f in self.frame_indices if f in window]
+
+    def _window(self, chunk_start: int, chunk_frames: int) -> list[int]:
+        return attended_frames(
+            chunk_start, chunk_frames, local_attn_size=self.local_attn_size, sink_size=self.sink_size
         )
-        kept: list[CacheSegment] = []
-        for segment in self.segments:
-            run_start = None
-            for f in range(segment.frame_start, segment.frame_end + 1):
-                inside = f < segment.frame_end and f in keep
-                if inside and run_start is None:
-                    run_start = f
-                elif not inside and run_start is not None:
-                    kept.append(
-                        segment
-                        if (run_start, f) == (segment.frame_start, segment.frame_end)
-                        else segment.frames(run_start, f)
-                    )
-                    run_start = None
-        return replace(self, segments=tuple(kept))
 
-    def append(self, segment: CacheSegment) -> KVCache:
-        return replace(self, segments=(*self.segments, segment))
+    # ------------------------------------------------------------------ forking and committing
 
     def fork(self, n: int) -> KVCache:
-        """The cache of a batch in which every row is repeated ``n`` times (row ``i`` -> rows ``i*n .. i*n+n-1``)."""
-        return replace(self, segments=tuple(replace(s, repeat=s.repeat * n) for s in self.segments))
+        """The cache of a batch in which every row is repeated ``n`` times (row ``i`` -> rows ``i*n .. i*n+n-1``).
 
-    def assemble(
-        self, layer: int, own_key: torch.Tensor, own_value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values ``[B, S_cache + S_own, heads, head_dim]`` = cached segments (expanded to the batch) + own."""
-        if not self.segments:
-            return own_key, own_value
-        batch = own_key.shape[0]
-        out = []
-        for own, stored in (
-            (own_key, [s.keys[layer] for s in self.segments]),
-            (own_value, [s.values[layer] for s in self.segments]),
+        The levels are shared, not copied; the new cache writes later chunks into a level of its own."""
+        views = tuple(replace(v, repeat=v.repeat * n) for v in self.views)
+        if self.own is not None and self.own.committed_frames():
+            self.own.shared = True
+            views += (LevelView(self.own, tuple(self.own.committed_frames()), n),)
+        return KVCache(self.local_attn_size, self.sink_size, self.max_frames, views=views, end=self.end)
+
+    def commit(self, frame_start: int, num_frames: int) -> None:
+        """Make the chunk ``[frame_start, frame_start + num_frames)`` written by the last pass part of the context."""
+        own = self.own
+        if own is None or any(own.slot_frames[own.slot(f)] != f for f in _span(frame_start, num_frames)):
+            raise RuntimeError(f"No pass wrote frames [{frame_start}, {frame_start + num_frames}) into this cache.")
+        own.committed_end = self.end = frame_start + num_frames
+
+    # ------------------------------------------------------------------ planning a pass
+
+    def plan(
+        self, frame_offset: int, num_frames: int, tokens: int, rows: int, device: torch.device, *, write: bool
+    ) -> AttentionPlan:
+        """The reads (and, with ``write``, the in-place write) of one pass over the frames
+        ``[frame_offset, frame_offset + num_frames)`` of ``rows`` videos with ``tokens`` tokens per frame."""
+        window = set(self._window(frame_offset, num_frames))
+        reads = []
+        for view in self.views:
+            self._check_rows(view.level.rows * view.repeat, rows)
+            frames = [f for f in view.frames if f in window]
+            if frames:
+                reads.append(_Read(view.level, view.level.token_index(frames), view.repeat))
+        own_frames = [f for f in self.own.committed_frames() if f in window] if self.own is not None else []
+        target = None
+        if write:
+            level = self._writable_level(frame_offset, num_frames, tokens, rows, device)
+            for frame in _span(frame_offset, num_frames):
+                level.slot_frames[level.slot(frame)] = frame
+            target = (level, level.token_index(list(_span(frame_offset, num_frames))))
+            own_frames += _span(frame_offset, num_frames)
+        if own_frames:
+            self._check_rows(self.own.rows, rows)
+            reads.append(_Read(self.own, self.own.token_index(own_frames), 1))
+        return AttentionPlan(frame_offset=frame_offset, reads=tuple(reads), write=target)
+
+    @staticmethod
+    def _check_rows(cache_rows: int, rows: int) -> None:
+        if cache_rows != rows:
+            raise ValueError(
+                f"The KV cache serves a batch of {cache_rows} rows but the transformer input has {rows}; fork the "
+                "state instead of changing the batch size."
+            )
+
+    def _writable_level(
+        self, frame_offset: int, num_frames: int, tokens: int, rows: int, device: torch.device
+    ) -> CacheLevel:
+        """The own level, created, grown or copied (copy-on-write) so that the chunk can be written into it."""
+        level = self.own
+        start = level.frame_start if level is not None else frame_offset
+        end = frame_offset + num_frames
+        # `full`: the slots for the rest of the video (global) or the window, fewer for a video known to be shorter.
+        video = max(end, self.max_frames) - start if self.max_frames is not None else None
+        if self.local_attn_size == -1:
+            sink_slots, needed = 0, end - start
+            full = video if video is not None else needed
+        else:
+            sink_slots = max(0, self.sink_size - start)
+            window = sink_slots + self.local_attn_size - self.sink_size
+            needed, full = min(end - start, window), min(video, window) if video is not None else window
+        if level is None:
+            level = CacheLevel(rows, start, full, min(sink_slots, full), tokens, device)
+        elif level.capacity < needed:  # the video outgrew the `num_frames` the level was allocated for
+            grown = 2 * level.capacity if self.local_attn_size == -1 else 0
+            level = level.resized(max(needed, full, grown))
+        elif level.shared and any(
+            0 <= level.slot_frames[level.slot(f)] < level.committed_end for f in _span(frame_offset, num_frames)
         ):
-            length = sum(t.shape[1] for t in stored) + own.shape[1]
-            buffer = own.new_empty(batch, length, *own.shape[2:])
-            pos = 0
-            for segment, tensor in zip(self.segments, stored, strict=True):
-                if segment.batch_size != batch:
-                    raise ValueError(
-                        f"KV cache segment of frames [{segment.frame_start}, {segment.frame_end}) serves a batch of "
-                        f"{segment.batch_size} rows but the transformer input has {batch}; fork the state instead "
-                        "of changing the batch size."
-                    )
-                rows = buffer[:, pos : pos + tensor.shape[1]].unflatten(0, (tensor.shape[0], segment.repeat))
-                rows.copy_(tensor.unsqueeze(1))
-                pos += tensor.shape[1]
-            buffer[:, pos:] = own
-            out.append(buffer)
-        return out[0], out[1]
+            level = level.resized(level.capacity)
+        self.own = level
+        return level
+
+
+# ---------------------------------------------------------------------------------------------------- cross-attention
+
+
+def cross_attention_weights_version(transformer: nn.Module) -> tuple:
+    """A value that changes whenever the text projection or the cross-attention keys/values could change: the
+    identity and in-place version of every parameter they use and the adapter state (enabled, active, merged, scale)
+    of any PEFT layer among them. Optimizer steps, ``load_state_dict``, LoRA injection and adapter toggles all move
+    it, so a :class:`CrossAttentionCache` is never read with other weights than those that filled it."""
+    modules = [transformer.condition_embedder.text_embedder]
+    for block in transformer.blocks:
+        attn = block.attn2
+        modules += [attn.norm_k, *(getattr(attn, name) for name in ("to_k", "to_v", "to_kv") if hasattr(attn, name))]
+    version = []
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, BaseTunerLayer):
+                version.append(
+                    (sub.disable_adapters, tuple(sub.active_adapters), sub.merged, tuple(sorted(sub.scaling.items())))
+                )
+            version += [(p.data_ptr(), p._version) for p in sub.parameters(recurse=False)]
+    return tuple(version)
 
 
 @dataclass
 class CrossAttentionCache:
-    """Per-block cross-attention keys/values ``[b, text_tokens, heads, head_dim]`` of a fixed prompt batch.
+    """Text context of a fixed prompt batch: the text projection ``[b, text_tokens, dim]`` and per-block
+    cross-attention keys/values ``[b, text_tokens, heads, head_dim]``, one stored row per ``repeat`` rows.
 
-    Filled lazily by the first no-grad transformer call that uses it. It is tied to the weights at that time: after
-    an optimizer step or an adapter change build a new one.
+    Filled by the first no-grad transformer call that uses it and tied to the weights at that time
+    (``weights_version``): the pipeline starts a new one when :func:`cross_attention_weights_version` moves.
     """
 
+    weights_version: tuple | None = None
+    text: torch.Tensor | None = None
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     values: dict[int, torch.Tensor] = field(default_factory=dict)
     repeat: int = 1
 
     def fork(self, n: int) -> CrossAttentionCache:
-        return CrossAttentionCache(dict(self.keys), dict(self.values), self.repeat * n)
+        """The same stored context read by ``n`` rows per stored row (the tensors are shared)."""
+        return replace(self, keys=dict(self.keys), values=dict(self.values), repeat=self.repeat * n)
+
+
+# ---------------------------------------------------------------------------------------------------- runtime
 
 
 class CausalAttentionRuntime:
-    """Shared, per-transformer state that the causal processors and the offset RoPE read during a forward.
+    """Shared, per-transformer state that the causal processors, the offset RoPE and the text projection read.
 
-    Modes:
-        ``"off"``: stock behaviour (full bidirectional attention, frame positions from 0).
-        ``"cached"``: attend to ``cache`` (windowed by the caller) plus the input's own tokens, RoPE at
-            ``frame_offset``; with ``record=True`` the per-layer keys/values of the input are kept in
-            :attr:`recorded` (that is the commit pass).
-        ``"masked"``: full self-attention over the input under the boolean ``attention_mask`` ``[S, S]``.
+    ``plan`` is None outside :meth:`active` (stock behaviour: full bidirectional attention, frame positions from 0).
     """
 
-    def __init__(self) -> None:
-        self.mode = "off"
-        self.frame_offset = 0
-        self.cache: KVCache | None = None
-        self.record = False
-        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.attention_mask: torch.Tensor | None = None
-        self.cross_cache: CrossAttentionCache | None = None
+    def __init__(self, transformer: nn.Module | None = None) -> None:
+        self.plan: AttentionPlan | None = None
+        self._transformer = weakref.ref(transformer) if transformer is not None else None
 
     @contextlib.contextmanager
-    def cached(
-        self,
-        cache: KVCache,
-        frame_offset: int,
-        *,
-        record: bool = False,
-        cross_cache: CrossAttentionCache | None = None,
-    ) -> Iterator[CausalAttentionRuntime]:
-        """Run transformer calls inside as chunk passes at absolute ``frame_offset`` reading ``cache``."""
-        self._enter(
-            mode="cached",
-            cache=cache,
-            frame_offset=frame_offset,
-            record=record,
-            cross_cache=cross_cache,
-        )
-        try:
-            yield self
-        finally:
-            self._reset()
+    def active(self, plan: AttentionPlan) -> Iterator[CausalAttentionRuntime]:
+        """Run the transformer calls inside under ``plan``.
 
-    @contextlib.contextmanager
-    def masked(self, attention_mask: torch.Tensor) -> Iterator[CausalAttentionRuntime]:
-        """Run transformer calls inside as full forwards under a dense self-attention mask ``[S, S]``."""
-        self._enter(mode="masked", attention_mask=attention_mask)
-        try:
-            yield self
-        finally:
-            self._reset()
-
-    def pop_recorded(self, frame_start: int, num_frames: int) -> CacheSegment:
-        """The keys/values recorded by the last ``record=True`` pass as a cache segment."""
-        layers = sorted(self.recorded)
-        segment = CacheSegment(
-            keys=tuple(self.recorded[i][0] for i in layers),
-            values=tuple(self.recorded[i][1] for i in layers),
-            frame_start=frame_start,
-            num_frames=num_frames,
-        )
-        self.recorded = {}
-        return segment
-
-    def _enter(self, **settings) -> None:
-        if self.mode != "off":
+        With gradient checkpointing, blocks recomputed during the backward pass run under the same plan."""
+        if self.plan is not None:
             raise RuntimeError("A causal attention pass is already active on this transformer (no nesting).")
-        for name, value in settings.items():
-            setattr(self, name, value)
+        transformer = self._transformer() if self._transformer is not None else None
+        checkpointing = transformer is not None and getattr(transformer, "gradient_checkpointing", False)
+        if checkpointing:
+            checkpoint = transformer._gradient_checkpointing_func
+            transformer._gradient_checkpointing_func = functools.partial(self._checkpoint, checkpoint, plan)
+        self.plan = plan
+        try:
+            yield self
+        finally:
+            self.plan = None
+            if checkpointing:
+                transformer._gradient_checkpointing_func = checkpoint
 
-    def _reset(self) -> None:
-        self.mode, self.frame_offset, self.cache, self.record = "off", 0, None, False
-        self.attention_mask = self.cross_cache = None
+    def _checkpoint(self, checkpoint, plan: AttentionPlan, block: nn.Module, *args):
+        return checkpoint(functools.partial(self._run_under, plan, block), *args)
+
+    def _run_under(self, plan: AttentionPlan, block: nn.Module, *args):
+        if self.plan is plan:
+            return block(*args)
+        previous, self.plan = self.plan, plan  # recomputation during backward, after the pass has ended
+        try:
+            return block(*args)
+        finally:
+            self.plan = previous
 
 
-def _project_qkv(attn: nn.Module, hidden_states: torch.Tensor, context: torch.Tensor):
+def _project_kv(attn: nn.Module, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if getattr(attn, "fused_projections", False):
-        if attn.is_cross_attention:
-            return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
-        return attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        key, value = attn.to_kv(context).chunk(2, dim=-1)
+    else:
+        key, value = attn.to_k(context), attn.to_v(context)
+    return attn.norm_k(key).unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1))
 
 
 def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -324,10 +516,17 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
 
 
-def _attention(attn: nn.Module, query, key, value, attention_mask=None) -> torch.Tensor:
-    out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-    out = out.flatten(2, 3).type_as(query)
-    return attn.to_out[1](attn.to_out[0](out))
+def _attention(query, key, value, attention_mask=None) -> torch.Tensor:
+    return dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+
+
+def _output(attn: nn.Module, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(dtype)))
+
+
+# The processors below compute the projections, norms and RoPE in traced code and call an eager `attend` (excluded
+# from torch.compile) for the attention over the cache and the output projection. Nothing but `attend`'s result
+# crosses the graph break, so the graphs around it see the same inputs whatever the cache holds.
 
 
 class _RuntimeProcessor:
@@ -339,7 +538,7 @@ class _RuntimeProcessor:
 
 
 class CausalWanSelfAttnProcessor(_RuntimeProcessor):
-    """Self-attention processor of ``blocks[layer].attn1`` that reads/writes the runtime's KV cache."""
+    """Self-attention processor of ``blocks[layer].attn1`` that writes/reads the runtime plan's KV cache."""
 
     def __call__(
         self,
@@ -349,28 +548,53 @@ class CausalWanSelfAttnProcessor(_RuntimeProcessor):
         attention_mask: torch.Tensor | None = None,
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        query, key, value = _project_qkv(attn, hidden_states, hidden_states)
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            query, key = (
-                _apply_rotary(query, *rotary_emb),
-                _apply_rotary(key, *rotary_emb),
-            )
+            query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
+        return self.attend(attn, query, key, value, attention_mask)
 
-        runtime = self.runtime
-        if runtime.mode == "cached":
-            if runtime.record:
-                runtime.recorded[self.layer] = (key.detach(), value.detach())
-            key, value = runtime.cache.assemble(self.layer, key, value)
-        elif runtime.mode == "masked":
-            attention_mask = runtime.attention_mask
-        return _attention(attn, query, key, value, attention_mask)
+    @torch.compiler.disable
+    def attend(self, attn, query, key, value, attention_mask=None) -> torch.Tensor:
+        """Output ``[B, S, dim]`` of the attention of the input's tokens over the plan's cache and themselves."""
+        return _output(attn, self._attention(query, key, value, attention_mask), query.dtype)
+
+    def _attention(self, query, key, value, attention_mask) -> torch.Tensor:
+        plan = self.runtime.plan
+        if plan is None:
+            return _attention(query, key, value, attention_mask)
+        if plan.attention_mask is not None:
+            return _attention(query, key, value, plan.attention_mask)
+        if plan.write is not None:
+            level, index = plan.write
+            level.write(self.layer, index, key.detach(), value.detach())
+            parts = [(r.level.keys[self.layer], r.level.values[self.layer], r) for r in plan.reads]
+            parts = [(_take(k, r.index), _take(v, r.index), r.repeat) for k, v, r in parts]
+        else:
+            # Differentiable pass: the input's keys/values stay out of the cache and keep their graph.
+            parts = [
+                (_take(r.level.keys[self.layer], r.index), _take(r.level.values[self.layer], r.index), r.repeat)
+                for r in plan.reads
+            ]
+            keys = [_expand_rows(k, n) for k, _, n in parts] + [key]
+            values = [_expand_rows(v, n) for _, v, n in parts] + [value]
+            return _attention(query, torch.cat(keys, dim=1), torch.cat(values, dim=1))
+        if len(parts) == 1 and parts[0][2] == 1:
+            return _attention(query, parts[0][0], parts[0][1])
+        outputs = []
+        for k, v, repeat in parts:
+            out, lse = attention_with_lse(_fold(query, repeat), k, v)
+            outputs.append((_unfold(out, repeat), _unfold(lse, repeat)))
+        return _merge_attention(outputs)
 
 
 class CausalWanCrossAttnProcessor(_RuntimeProcessor):
-    """Cross-attention processor of ``blocks[layer].attn2`` that can reuse per-video text keys/values."""
+    """Cross-attention processor of ``blocks[layer].attn2`` that reuses the plan's per-prompt text keys/values."""
 
     def __call__(
         self,
@@ -382,25 +606,49 @@ class CausalWanCrossAttnProcessor(_RuntimeProcessor):
     ) -> torch.Tensor:
         if attn.add_k_proj is not None:
             raise NotImplementedError("Image-conditioned (I2V) Wan transformers are not supported by the causal port.")
-        cache = self.runtime.cross_cache if not torch.is_grad_enabled() else None
-        if cache is not None and self.layer in cache.keys:
-            query = attn.to_q(hidden_states)
-            key = _expand_rows(cache.keys[self.layer], cache.repeat)
-            value = _expand_rows(cache.values[self.layer], cache.repeat)
-        else:
-            query, key, value = _project_qkv(attn, hidden_states, encoder_hidden_states)
-            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-            value = value.unflatten(2, (attn.heads, -1))
-            if cache is not None:
-                # Rows come in runs of `repeat` identical prompts (forked branches): keep one row per run.
-                cache.keys[self.layer] = key[:: cache.repeat]
-                cache.values[self.layer] = value[:: cache.repeat]
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        return _attention(attn, query, key, value, attention_mask)
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        return self.attend(attn, query, encoder_hidden_states, attention_mask)
+
+    @torch.compiler.disable
+    def attend(self, attn, query, context, attention_mask=None) -> torch.Tensor:
+        """Output ``[B, S, dim]`` of the attention of the input's tokens over the text ``context``."""
+        plan = self.runtime.plan
+        cache = plan.cross if plan is not None else None
+        if cache is None:
+            out = _attention(query, *_project_kv(attn, context), attention_mask)
+            return _output(attn, out, query.dtype)
+        # `context` is the cached text projection: one row per `repeat` rows of the query.
+        if self.layer not in cache.keys:
+            cache.keys[self.layer], cache.values[self.layer] = _project_kv(attn, context)
+        key, value = cache.keys[self.layer], cache.values[self.layer]
+        out = _unfold(_attention(_fold(query, cache.repeat), key, value, attention_mask), cache.repeat)
+        return _output(attn, out, query.dtype)
+
+
+class CausalWanTextProjection(PixArtAlphaTextProjection):
+    """The condition embedder's text projection (same submodules and weights) that, under a plan with a
+    :class:`CrossAttentionCache`, projects the prompts once per cache and returns the stored projection."""
+
+    def __init__(self, projection: PixArtAlphaTextProjection, runtime: CausalAttentionRuntime) -> None:
+        nn.Module.__init__(self)
+        self.linear_1, self.act_1, self.linear_2 = projection.linear_1, projection.act_1, projection.linear_2
+        self.runtime = runtime
+
+    def forward(self, caption: torch.Tensor) -> torch.Tensor:
+        plan = self.runtime.plan
+        cache = plan.cross if plan is not None else None
+        if cache is None:
+            return super().forward(caption)
+        if cache.text is None:
+            cache.text = super().forward(caption[:: cache.repeat])
+        return cache.text
 
 
 class OffsetWanRotaryPosEmbed(WanRotaryPosEmbed):
-    """``WanRotaryPosEmbed`` whose temporal positions start at the runtime's absolute ``frame_offset``."""
+    """``WanRotaryPosEmbed`` whose temporal positions start at the plan's absolute ``frame_offset``; the tables of
+    each (offset, grid) are computed once and reused (a bounded number are kept)."""
+
+    _max_tables = 64
 
     def __init__(self, rope: WanRotaryPosEmbed, runtime: CausalAttentionRuntime) -> None:
         nn.Module.__init__(self)
@@ -411,17 +659,26 @@ class OffsetWanRotaryPosEmbed(WanRotaryPosEmbed):
         self.register_buffer("freqs_cos", rope.freqs_cos, persistent=False)
         self.register_buffer("freqs_sin", rope.freqs_sin, persistent=False)
         self.runtime = runtime
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.patch_size
         ppf, pph, ppw = num_frames // p_t, height // p_h, width // p_w
-        f0 = self.runtime.frame_offset
+        f0 = self.runtime.plan.frame_offset if self.runtime.plan is not None else 0
         if f0 + ppf > self.max_seq_len:
             raise ValueError(
                 f"Frame positions up to {f0 + ppf} exceed the transformer's rope_max_seq_len={self.max_seq_len}; "
                 "generate fewer latent frames."
             )
+        key = (f0, ppf, pph, ppw, self.freqs_cos.device, self.freqs_cos.dtype)
+        if key not in self._tables:
+            if len(self._tables) >= self._max_tables:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[key] = self._table(f0, ppf, pph, ppw)
+        return self._tables[key]
+
+    def _table(self, f0: int, ppf: int, pph: int, ppw: int) -> tuple[torch.Tensor, torch.Tensor]:
         split = [self.t_dim, self.h_dim, self.w_dim]
         out = []
         for table in (self.freqs_cos, self.freqs_sin):
@@ -437,9 +694,14 @@ class OffsetWanRotaryPosEmbed(WanRotaryPosEmbed):
             out.append(grid.reshape(1, ppf * pph * ppw, 1, -1))
         return out[0], out[1]
 
+    def _apply(self, fn, recurse=True):
+        self._tables.clear()  # device or dtype moves
+        return super()._apply(fn, recurse)
+
 
 def enable_causal_attention(transformer: nn.Module) -> CausalAttentionRuntime:
-    """Install the causal processors and the offset RoPE on a ``WanTransformer3DModel`` (idempotent).
+    """Install the causal processors, the offset RoPE and the caching text projection on a
+    ``WanTransformer3DModel`` (idempotent).
 
     Returns the runtime shared by them. The state dict is unchanged; call again after reloading weights into a new
     module. Custom processors survive PEFT/LoRA injection because PEFT wraps the projections in place.
@@ -447,10 +709,12 @@ def enable_causal_attention(transformer: nn.Module) -> CausalAttentionRuntime:
     runtime = getattr(transformer, "causal_runtime", None)
     if isinstance(runtime, CausalAttentionRuntime):
         return runtime
-    runtime = CausalAttentionRuntime()
+    runtime = CausalAttentionRuntime(transformer)
     for layer, block in enumerate(transformer.blocks):
         block.attn1.set_processor(CausalWanSelfAttnProcessor(runtime, layer))
         block.attn2.set_processor(CausalWanCrossAttnProcessor(runtime, layer))
     transformer.rope = OffsetWanRotaryPosEmbed(transformer.rope, runtime)
+    embedder = transformer.condition_embedder
+    embedder.text_embedder = CausalWanTextProjection(embedder.text_embedder, runtime)
     transformer.causal_runtime = runtime
     return runtime

@@ -6,7 +6,7 @@ import contextlib
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import diffusers
 import torch
@@ -19,9 +19,11 @@ from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from ..models.kv_cache import (
+    AttentionPlan,
     CrossAttentionCache,
     KVCache,
     block_causal_mask,
+    cross_attention_weights_version,
     enable_causal_attention,
     tokens_per_frame,
 )
@@ -76,8 +78,10 @@ class CausalGenerationState:
 
     Attributes:
         prompt_embeds: ``[B, text_tokens, text_dim]`` text-encoder outputs, one row per video.
-        cache: self-attention KV cache of the committed chunks (shared, immutable segments).
-        cross_cache: per-block text keys/values, reused by no-grad passes (None: recompute every pass).
+        cache: self-attention KV cache of the committed chunks (preallocated, written in place; a fork reads its
+            parent's levels without copying them).
+        cross_cache: the prompts' text projection and per-block keys/values, reused by no-grad passes while the
+            weights they came from are unchanged (None: recompute every pass).
         frame_offset: absolute latent frame where the next chunk starts.
         chunks: committed clean chunk latents, each ``[B, C, f, H, W]``.
     """
@@ -342,6 +346,18 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         elif sink:
             raise ValueError(f"`sink_size`={sink} needs a window: set `local_attn_size` (e.g. 12) or sink_size=0.")
 
+    def compile(self, **kwargs) -> None:
+        """Compile the transformer's blocks with ``torch.compile`` (diffusers' regional compilation,
+        ``transformer.compile_repeated_blocks``); ``kwargs`` go to ``torch.compile`` (e.g. ``mode``, ``backend``).
+
+        Every block compiles to one set of graphs shared by all blocks: shapes in a block do not depend on the chunk,
+        the step, the pivot or the cache length (the attention over the KV cache runs eagerly between the graphs),
+        so generation never recompiles after the first call of a batch size (``dynamic=None``, the default, makes
+        the batch dimension dynamic when a second batch size appears). Generation and the differentiable update
+        (``predict_x0`` with grad, gradient checkpointing included) both run compiled.
+        """
+        self.transformer.compile_repeated_blocks(**kwargs)
+
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         """The base generator inside the block: the transformer's LoRA adapters, if any, are disabled."""
@@ -498,13 +514,38 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     # ------------------------------------------------------------------ streaming API
 
-    def init_state(self, prompt_embeds: torch.Tensor, *, cache_cross_attention: bool = True) -> CausalGenerationState:
-        """A fresh state (empty cache, frame 0) for the videos of ``prompt_embeds`` ``[B, text_tokens, text_dim]``."""
+    def init_state(
+        self,
+        prompt_embeds: torch.Tensor,
+        *,
+        num_frames: int | None = None,
+        cache_cross_attention: bool = True,
+    ) -> CausalGenerationState:
+        """A fresh state (empty cache, frame 0) for the videos of ``prompt_embeds`` ``[B, text_tokens, text_dim]``.
+
+        ``num_frames`` (latent frames of the whole video, if known) sizes the KV cache once; without it the cache
+        grows as chunks are committed."""
         return CausalGenerationState(
             prompt_embeds=prompt_embeds.to(self.transformer.dtype),
-            cache=KVCache(local_attn_size=self.config.local_attn_size, sink_size=self.config.sink_size),
+            cache=KVCache(self.config.local_attn_size, self.config.sink_size, num_frames),
             cross_cache=CrossAttentionCache() if cache_cross_attention else None,
         )
+
+    def _cached_pass(self, state: CausalGenerationState, x: torch.Tensor, timestep: float | torch.Tensor):
+        """Flow of one transformer call on the state's next chunk ``x`` ``[B, C, f, H, W]`` attending to its cache.
+
+        Without grad the call writes the chunk's keys/values into the cache (committed by :meth:`commit_chunk`) and
+        reuses the state's text context; with grad the cache is only read."""
+        write = not torch.is_grad_enabled()
+        tokens = tokens_per_frame(self.transformer, x.shape[3], x.shape[4])
+        plan = state.cache.plan(state.frame_offset, x.shape[2], tokens, x.shape[0], x.device, write=write)
+        if write and state.cross_cache is not None:
+            version = cross_attention_weights_version(self.transformer)
+            if state.cross_cache.weights_version != version:
+                state.cross_cache = CrossAttentionCache(weights_version=version, repeat=state.cross_cache.repeat)
+            plan = replace(plan, cross=state.cross_cache)
+        with self.runtime.active(plan):
+            return self._transformer(x, timestep, state.prompt_embeds)
 
     def _transformer(
         self, x: torch.Tensor, timestep: float | torch.Tensor, prompt_embeds: torch.Tensor
@@ -534,8 +575,6 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         forward). Differentiable with respect to the transformer's trainable weights when grad is enabled (the cache
         is detached; the cross-attention cache is only used without grad).
         """
-        frames = x_t.shape[2]
-        cache = state.cache.window(state.frame_offset, frames)
         if isinstance(step, int):
             timestep, sigma = self.timesteps[step], self.sigmas[step]
         else:
@@ -544,9 +583,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             timestep = torch.tensor([self.timesteps[s] for s in step], device=x_t.device)
             sigma = torch.tensor([self.sigmas[s] for s in step], device=x_t.device, dtype=torch.float64)
             sigma = sigma.view(-1, *([1] * (x_t.ndim - 1)))
-        with self.runtime.cached(cache, state.frame_offset, cross_cache=state.cross_cache):
-            flow = self._transformer(x_t, timestep, state.prompt_embeds)
-        return predict_x0(x_t, flow, sigma)
+        return predict_x0(x_t, self._cached_pass(state, x_t, timestep), sigma)
 
     @torch.no_grad()
     def denoise_chunk(
@@ -607,18 +644,15 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             if context_t > 0:
                 sigma = few_step_schedule([context_t], warp=False, shift=self.config.timestep_shift)[1][0]
                 x = renoise(x, randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype), sigma)
-            cache = state.cache.window(state.frame_offset, frames)
-            with self.runtime.cached(cache, state.frame_offset, record=True, cross_cache=state.cross_cache):
-                self._transformer(x, context_t, state.prompt_embeds)
-                segment = self.runtime.pop_recorded(state.frame_offset, frames)
-            state.cache = cache.append(segment)
+            self._cached_pass(state, x, context_t)
+            state.cache.commit(state.frame_offset, frames)
         state.chunks.append(latents)
         state.frame_offset += frames
 
     def fork(self, state: CausalGenerationState, n: int) -> CausalGenerationState:
         """A state of ``B * n`` rows in which row ``i`` continues row ``i // n`` of ``state``.
 
-        The cache segments are shared, not copied; ``state`` itself stays valid and unchanged.
+        The cache levels are shared, not copied; ``state`` itself stays valid and unchanged.
         """
         if n < 1:
             raise ValueError(f"`n` must be >= 1 to fork a state, got {n}.")
@@ -662,7 +696,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             device=latents.device,
         )
         timestep = frame_timesteps.float().repeat_interleave(tpf, dim=1)
-        with self.runtime.masked(mask):
+        with self.runtime.active(AttentionPlan(attention_mask=mask)):
             flow = self.transformer(
                 hidden_states=latents.to(self.transformer.dtype),
                 timestep=timestep,
@@ -757,7 +791,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         num_chunks = latents.shape[2] // chunk
         self._check_step_noise(step_noise, latents, num_chunks)
 
-        state = self.init_state(prompt_embeds)
+        state = self.init_state(prompt_embeds, num_frames=latents.shape[2])
         trajectory = []
         with self.progress_bar(total=num_chunks) as progress_bar:
             for c in range(num_chunks):
