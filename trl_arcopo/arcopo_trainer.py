@@ -170,7 +170,8 @@ class ARCoPOTrainer(Trainer):
             if parameter.requires_grad:  # LoRA weights train in float32 whatever the base dtype
                 parameter.data = parameter.data.float()
         if args.transformer_gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
+            # Blocks are recomputed during backward, after the cached pass ended: under that pass' runtime settings.
+            transformer.enable_gradient_checkpointing(pipeline.runtime.checkpoint)
 
         self._metrics: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list),

@@ -14,10 +14,11 @@ Forking never copies a segment: it multiplies the segment's ``repeat`` (row ``i`
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.utils.checkpoint
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 from torch import nn
@@ -235,6 +236,10 @@ class CrossAttentionCache:
         return CrossAttentionCache(dict(self.keys), dict(self.values), self.repeat * n)
 
 
+# What a transformer call reads from the runtime (see `CausalAttentionRuntime.checkpoint`).
+_RUNTIME_SETTINGS = ("mode", "frame_offset", "cache", "record", "attention_mask", "cross_cache")
+
+
 class CausalAttentionRuntime:
     """Shared, per-transformer state that the causal processors and the offset RoPE read during a forward.
 
@@ -297,6 +302,36 @@ class CausalAttentionRuntime:
         )
         self.recorded = {}
         return segment
+
+    def checkpoint(self, function: Callable, *args):
+        """``function(*args)`` under ``torch.utils.checkpoint``, recomputed (during backward, after the pass that set
+        the runtime has ended) under the settings of its forward: the cache, frame offset and mask it read.
+
+        The transformer's gradient checkpointing must use it, ``transformer.enable_gradient_checkpointing(
+        runtime.checkpoint)``: the stock function would recompute a cached pass without its cache (a shape mismatch,
+        or silently different values for a chunk at frame 0).
+        """
+        settings = self._settings()
+        return torch.utils.checkpoint.checkpoint(
+            function,
+            *args,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), self._restored(settings)),
+        )
+
+    def _settings(self) -> dict:
+        return {name: getattr(self, name) for name in _RUNTIME_SETTINGS}
+
+    @contextlib.contextmanager
+    def _restored(self, settings: dict) -> Iterator[None]:
+        previous = self._settings()
+        for name, value in settings.items():
+            setattr(self, name, value)
+        try:
+            yield
+        finally:
+            for name, value in previous.items():
+                setattr(self, name, value)
 
     def _enter(self, **settings) -> None:
         if self.mode != "off":
