@@ -8,8 +8,9 @@ from datasets import Dataset
 from peft import LoraConfig
 from torch.utils.checkpoint import CheckpointError
 
+import trl_arcopo.arcopo_trainer
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
-from trl_arcopo.rollout import rebuild_context
+from trl_arcopo.rollout import generate_group, rebuild_context
 from trl_arcopo.testing import TINY_TRAINING_ARGS, tiny_causal_wan_pipeline
 
 transformers.logging.set_verbosity_error()
@@ -52,6 +53,7 @@ def _trained_lora(tmp_path, **overrides) -> dict[str, torch.Tensor]:
     args = ARCoPOConfig(
         output_dir=str(tmp_path),
         **{**TINY_TRAINING_ARGS, "max_steps": 2, "save_strategy": "no", "disable_tqdm": True, **overrides},
+        overlap_rewards=False,
     )
     trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), "brightness", args=args, train_dataset=PROMPTS)
     trainer.train()
@@ -65,3 +67,46 @@ def test_trainer_with_gradient_checkpointing_trains_like_without(tmp_path):
     got = _trained_lora(tmp_path / "checkpointed", transformer_gradient_checkpointing=True, **settings)
     for name, value in got.items():
         torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_rollout_context_is_the_rebuilt_context():
+    pipe = tiny_causal_wan_pipeline()
+    embeds = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(0))
+    group = generate_group(
+        pipe, embeds, num_generations=3, latent_shape=(16, 9, 4, 4), pivot=2, generator=torch.Generator(), decode=False
+    )
+    rebuilt = rebuild_context(pipe, group.prompt_embeds, group.prefix_latents)
+    assert group.context.frame_offset == rebuilt.frame_offset == 6
+    segments = list(zip(group.context.cache.segments, rebuilt.cache.segments, strict=True))
+    assert len(segments) == 2
+    for ours, theirs in segments:
+        for a, b in zip((*ours.keys, *ours.values), (*theirs.keys, *theirs.values), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_first_update_of_a_group_reuses_the_rollout_context(tmp_path, monkeypatch):
+    rebuilt = []
+    original = trl_arcopo.arcopo_trainer.rebuild_context
+
+    def counting_rebuild(*args, **kwargs):
+        rebuilt.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trl_arcopo.arcopo_trainer, "rebuild_context", counting_rebuild)
+    # 2 rollouts x num_iterations=2 updates; pivot 1 of 2: every update reads a context.
+    settings = {"pivot_strategy": "fixed", "pivot_index": 1, "max_steps": 4}
+    reused = _trained_lora(tmp_path / "reused", **settings)
+    assert len(rebuilt) == 2  # only the second update of each group recomputes it (the policy has stepped)
+
+    rollout = ARCoPOTrainer._rollout_group
+
+    def rollout_without_context(self, row):
+        group = rollout(self, row)
+        group.context = None
+        return group
+
+    monkeypatch.setattr(ARCoPOTrainer, "_rollout_group", rollout_without_context)
+    recomputed = _trained_lora(tmp_path / "recomputed", **settings)
+    assert len(rebuilt) == 2 + 4
+    for name, value in reused.items():
+        torch.testing.assert_close(value, recomputed[name], atol=0, rtol=0, msg=name)
