@@ -22,11 +22,21 @@ def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("hf_cache")
 
 
-@pytest.fixture
-def free_port() -> int:
-    """A free TCP port on loopback (for the rendezvous of multi-process `accelerate launch` runs)."""
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on loopback (for the rendezvous of multi-process `accelerate launch` runs)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def free_port_factory():
+    """A function returning a free TCP port on loopback, for fixtures broader than one test."""
+    return _free_port

@@ -287,6 +287,33 @@ def test_collect_script_under_accelerate_launch_with_two_processes(tmp_path, fre
     _assert_same_rows(load_from_disk(str(tmp_path / "two")), single, reward_atol=1e-6)
 
 
+@pytest.mark.slow
+def test_collect_script_on_two_loopback_machines(tmp_path, free_port):
+    """`--num_machines 2`, one process each (run here as two launches on 127.0.0.1): the single-process buffer."""
+    argv = ["--num_groups", "4", "--num_generations", "4"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    jobs = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
+                *("--num_machines", "2", "--machine_rank", str(rank), "--mixed_precision", "no"),
+                *("--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port)),
+                *("-m", "trl_arcopo.scripts.collect", "--output_dir", str(tmp_path / "two"), *argv),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for job in jobs:
+        _, stderr = job.communicate(timeout=600)
+        assert job.returncode == 0, stderr[-4000:]
+    single = collect.main(["--output_dir", str(tmp_path / "one"), *argv])
+    _assert_same_rows(load_from_disk(str(tmp_path / "two")), single, reward_atol=1e-6)
+
+
 def test_collect_help_lists_every_option(capsys):
     help_text = collect.make_parser().format_help()
     for flag in (

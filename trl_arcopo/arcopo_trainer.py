@@ -7,12 +7,13 @@ piece of math from :mod:`trl_arcopo.copo`. It owns batching (one rollout group p
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.trainer.utils import RepeatSampler
 
-from . import copo
+from . import copo, memory
 from .arcopo_config import ARCoPOConfig
 from .checkpoints import load_process_state, save_process_state, staged_checkpoint
 from .evaluation import evaluate_pipeline, resolve_rewards
@@ -411,6 +412,7 @@ class ARCoPOTrainer(Trainer):
             generator=self.rollout_generator,
         )
         check_finite_latents(group.latents, f"the rollout group of {row['prompt']!r} (step {self.state.global_step})")
+        group.weights_version = self.state.global_step  # optimizer steps taken: the policy's version
         return group
 
     def _score_group(self, row: dict, group: RolloutGroup, mode: str) -> Future:
@@ -469,7 +471,8 @@ class ARCoPOTrainer(Trainer):
             # Group i is scored while group i + 1 is rolled out; at most two groups' videos are alive at once.
             scored, pending = [], None
             for row in rows:
-                group = self._rollout_group(row)
+                with self._gathered_weights():
+                    group = self._rollout_group(row)
                 future = self._score_group(row, group, mode)
                 if pending is not None:
                     scored.append(self._finish_group(pending[0], pending[1], pending[2].result()))
@@ -626,7 +629,7 @@ class ARCoPOTrainer(Trainer):
     def _group_loss(self, model, item: dict) -> torch.Tensor:
         group: RolloutGroup = item["group"]
         pipeline, args = self.pipeline, self.args
-        context = rebuild_context(pipeline, group.prompt_embeds, group.prefix_latents)
+        context = self._pivot_context(group)
         if args.exploration == "sde":
             return self._sde_loss(model, group, item["advantages"], context)
         num_anchors, steps = args.num_anchors, self.train_steps
@@ -661,6 +664,36 @@ class ARCoPOTrainer(Trainer):
         self._record_loss_stats(stats)
         self._record_policy_stats(copo.surrogate_policy_stats(old_log_probs, anchors), steps)
         return loss
+
+    def _pivot_context(self, group: RolloutGroup):
+        """The pivot chunk's context: the rollout's own while the policy has not stepped since the rollout (the first
+        update of a group), else recomputed by the current weights. The rollout's is released after its use."""
+        context, group.context = group.context, None
+        if context is not None and group.weights_version == self.state.global_step:
+            return context
+        with self._gathered_weights():
+            return rebuild_context(self.pipeline, group.prompt_embeds, group.prefix_latents)
+
+    @contextlib.contextmanager
+    def _gathered_weights(self) -> Iterator[None]:
+        """Under FSDP2, the transformer's full weights for the block: its no-grad passes, whose number differs between
+        processes (pivots, rebuilt contexts, evaluation shards), then run without collectives and cannot deadlock."""
+        from torch.distributed.fsdp import FSDPModule
+
+        modules = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        if not modules:
+            yield
+            return
+        reshard = self.accelerator.state.fsdp_plugin.reshard_after_forward
+        for module in modules:  # the same order on every process: one all-gather each
+            module.unshard()
+            module.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.set_reshard_after_forward(reshard, recurse=False)
+                module.reshard()
 
     @torch.no_grad()
     def _reference_predictions(self, group: RolloutGroup, x_t: torch.Tensor, step_of_row: list[int]) -> torch.Tensor:
@@ -734,17 +767,18 @@ class ARCoPOTrainer(Trainer):
         offset = sum(len(dataset) // world + (r < len(dataset) % world) for r in range(rank))
         shard = dataset.shard(num_shards=world, index=rank, contiguous=True)
         self.model.eval()
-        result = evaluate_pipeline(
-            self.pipeline,
-            shard,
-            self.reward_funcs,
-            num_frames=self.args.num_frames,
-            height=self.args.height,
-            width=self.args.width,
-            seed=self.args.seed + offset,
-            progress_bar=False,
-            reward_error="raise" if self.args.reward_error == "raise" else "nan",
-        )
+        with self._gathered_weights():
+            result = evaluate_pipeline(
+                self.pipeline,
+                shard,
+                self.reward_funcs,
+                num_frames=self.args.num_frames,
+                height=self.args.height,
+                width=self.args.width,
+                seed=self.args.seed + offset,
+                progress_bar=False,
+                reward_error="raise" if self.args.reward_error == "raise" else "nan",
+            )
         self.model.train()
         self._set_reward_columns(result.reward_columns)
         # Shards differ in size when the processes do not divide the prompts: gather Python rows, not tensors.
@@ -803,7 +837,9 @@ class ARCoPOTrainer(Trainer):
         return True
 
     def train(self, *args, **kwargs):
-        """``Trainer.train``; at the end the training curves are plotted into ``output_dir`` (main process)."""
+        """``Trainer.train``; at the start the run's peak memory per process is estimated and logged (a warning when
+        the device cannot hold it), at the end the training curves are plotted into ``output_dir`` (main process)."""
+        self._log_memory_estimate()
         try:
             output = super().train(*args, **kwargs)
         finally:
@@ -813,6 +849,30 @@ class ARCoPOTrainer(Trainer):
         if self.args.should_save:
             self._write_training_curves(self.args.output_dir)
         return output
+
+    def _log_memory_estimate(self) -> None:
+        estimate = memory.estimate_memory(
+            self.args,
+            memory.GeneratorSpec.from_pipeline(self.pipeline),
+            [memory.RewardSpec.for_reward(func) for func in self.reward_funcs],
+            num_processes=self.accelerator.num_processes,
+            strategy="fsdp2" if self.accelerator.is_fsdp2 else "ddp",
+        )
+        logger.info(
+            "Estimated peak memory per process: %.1f GiB (%s phase; `trl-arcopo estimate-memory` explains it)\n%s",
+            estimate.peak / memory.GiB,
+            estimate.peak_phase,
+            estimate.table(),
+        )
+        available = memory.device_memory(self.accelerator.device)
+        if available is not None and estimate.peak > available:
+            logger.warning(
+                "The estimated peak memory, %.1f GiB, exceeds the %.1f GiB of %s: %s.",
+                estimate.peak / memory.GiB,
+                available / memory.GiB,
+                self.accelerator.device,
+                estimate.advice(),
+            )
 
     # ---------------------------------------------------------------------------------------------- saving
 

@@ -54,6 +54,9 @@ COMMANDS: dict[str, Command] = {
     "merge": Command("trl_arcopo.scripts.merge", "merge LoRA adapters with scales, export or fuse them"),
     "sweep": Command("trl_arcopo.scripts.sweep", "choose the merge scale (in- and out-of-domain rewards)"),
     "generate": Command("trl_arcopo.scripts.generate", "sample videos from a base model plus LoRAs"),
+    "estimate-memory": Command(
+        "trl_arcopo.scripts.estimate_memory", "predict a training config's peak GPU memory, per phase and process"
+    ),
     "reward-server": Command("trl_arcopo.rewards.server", "serve a reward model over HTTP"),
 }
 

@@ -35,6 +35,10 @@ class RolloutGroup:
             (only the pivot chunk is stored).
         videos: ``[G, num_frames, 3, height, width]`` decoded in [0, 1] (None when not decoded).
         exploration: ``"fork"`` or ``"sde"``.
+        context: the pivot chunk's context (the KV cache of the prefix) as the rollout's weights computed it: what
+            :func:`rebuild_context` returns while those weights are unchanged (None for replayed groups).
+        weights_version: a tag of the weights that rolled the group out (set by the trainer; ``context`` is valid
+            while the policy still has these weights).
     """
 
     prompt_embeds: torch.Tensor
@@ -46,6 +50,8 @@ class RolloutGroup:
     latents: torch.Tensor | None
     videos: torch.Tensor | None
     exploration: str = "fork"
+    context: CausalGenerationState | None = None
+    weights_version: int | None = None
 
     @property
     def num_generations(self) -> int:
@@ -243,4 +249,5 @@ def generate_group(
         latents=latents,
         videos=videos,
         exploration=exploration,
+        context=prefix,
     )

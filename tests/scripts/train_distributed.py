@@ -1,0 +1,65 @@
+"""A tiny AR-CoPO run launched by tests with `accelerate launch`: `... OUTPUT_DIR ddp|fsdp2 [RESUME_CHECKPOINT]`.
+
+Trains 2 steps (one rollout, two updates, a checkpoint after each) or resumes from RESUME_CHECKPOINT, exports the LoRA
+and writes `rank{i}.json` (logged rewards and pivots, world size, distributed type).
+
+Accelerate switches to FSDP only for accelerator backends: with `ACCELERATE_USE_CPU=1` it would silently run DDP. For
+`fsdp2` this script declares the gloo processes GPU-type before the `Accelerator` exists, so that `Accelerator.prepare`
+takes its FSDP2 path (`fsdp2_prepare_model`: `fully_shard` on every `WanTransformerBlock`, then on the transformer),
+the one `--accelerate_config fsdp2` takes on GPUs.
+"""
+
+import json
+import sys
+
+import torch
+import transformers
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+from datasets import Dataset
+
+from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
+from trl_arcopo.testing import TINY_TRAINING_ARGS, tiny_causal_wan_pipeline
+
+transformers.logging.set_verbosity_error()
+output_dir, strategy = sys.argv[1], sys.argv[2]
+resume = sys.argv[3] if len(sys.argv) > 3 else None
+fsdp = {}
+if strategy == "fsdp2":
+    # The settings of trl_arcopo/accelerate_configs/fsdp2.yaml, as TrainingArguments fields.
+    fsdp = {
+        "fsdp": "full_shard",
+        "fsdp_config": {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": ["WanTransformerBlock"],
+            "reshard_after_forward": True,
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    }
+args = ARCoPOConfig(
+    output_dir=output_dir,
+    **{**TINY_TRAINING_ARGS, "num_generations": 4, "num_anchors": 2, "lora_r": 4, "lora_alpha": 8},
+    max_steps=2,
+    save_steps=1,
+    disable_tqdm=True,
+    **fsdp,
+)
+if strategy == "fsdp2":  # after the arguments (which set up the processes), before the Accelerator
+    state = PartialState()
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.MULTI_GPU
+prompts = Dataset.from_dict({"prompt": ["a red car", "a blue sea", "a cat", "a dog"]})
+trainer = ARCoPOTrainer(tiny_causal_wan_pipeline(), "brightness", args=args, train_dataset=prompts)
+trainer.train(resume_from_checkpoint=resume)
+trainer.save_model()
+result = {
+    "rank": trainer.accelerator.process_index,
+    "world": trainer.accelerator.num_processes,
+    "distributed_type": str(trainer.accelerator.distributed_type),
+    "rewards": [h["reward"] for h in trainer.state.log_history if "reward" in h],
+    "pivots": [h["rollout/pivot"] for h in trainer.state.log_history if "rollout/pivot" in h],
+}
+with open(f"{output_dir}/rank{result['rank']}.json", "w") as f:
+    json.dump(result, f)
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
