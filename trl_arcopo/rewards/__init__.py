@@ -1,8 +1,9 @@
 """Video rewards: the reward protocol (call convention, validation, collection), model-free built-in rewards, CLIP
 rewards and the registry resolving reward names, Hub ids and reward-server URLs (:func:`load_reward`).
 
-The model-backed rewards (``PickScoreReward``, ``CLIPScoreReward``, ``AestheticReward``, ``VideoAlignReward``) and
-``RemoteReward`` are imported on first access, so importing this package does not import transformers.
+The model-backed rewards (``PickScoreReward``, ``CLIPScoreReward``, ``AestheticReward``, ``VideoAlignReward``),
+``RemoteReward`` and the toy-world rewards (``ToyAdherenceReward``, ...) are imported on first access, so importing
+this package does not import transformers.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .registry import available_rewards, load_reward, register_reward
 if TYPE_CHECKING:
     from .clip import AestheticReward, CLIPScoreReward, PickScoreReward
     from .remote import RemoteReward, RemoteRewardError
+    from .toy import ToyAdherenceReward, ToyColorReward, ToyPositionReward, ToySizeReward, ToySmoothnessReward
     from .videoalign import VideoAlignReward
 
 # Public names defined in modules imported on first access.
@@ -42,6 +44,11 @@ _LAZY_EXPORTS = {
     "PickScoreReward": ".clip",
     "RemoteReward": ".remote",
     "RemoteRewardError": ".remote",
+    "ToyAdherenceReward": ".toy",
+    "ToyColorReward": ".toy",
+    "ToyPositionReward": ".toy",
+    "ToySizeReward": ".toy",
+    "ToySmoothnessReward": ".toy",
     "VideoAlignReward": ".videoalign",
 }
 
@@ -54,6 +61,11 @@ __all__ = [
     "RemoteRewardError",
     "RewardFunctionError",
     "RewardOutputError",
+    "ToyAdherenceReward",
+    "ToyColorReward",
+    "ToyPositionReward",
+    "ToySizeReward",
+    "ToySmoothnessReward",
     "VideoAlignReward",
     "available_rewards",
     "brightness_reward",
