@@ -22,6 +22,7 @@ from trl_arcopo.rewards import (
 from trl_arcopo.rewards import registry as registry_module
 from trl_arcopo.testing import cache_tiny_clip_rewards, populate_hub_cache
 
+TOY_REWARDS = ["toy_adherence", "toy_color", "toy_size", "toy_position", "toy_smoothness"]
 REPO_IDS = {
     "yuvalkirstain/PickScore_v1": (PickScoreReward, "pickscore"),
     "openai/clip-vit-large-patch14": (CLIPScoreReward, "clipscore"),
@@ -55,7 +56,7 @@ class Recorder:
 
 def test_available_rewards() -> None:
     assert available_rewards() == sorted(
-        [*BUILTIN_REWARDS, "videoalign", "pickscore", "clipscore", "aesthetic", "remote"]
+        [*BUILTIN_REWARDS, "videoalign", "pickscore", "clipscore", "aesthetic", "remote", *TOY_REWARDS]
     )
 
 
@@ -216,7 +217,7 @@ def test_importing_rewards_is_light() -> None:
         "import sys, trl_arcopo.rewards as r, trl_arcopo.rewards.registry as registry; "
         "registry.check_reward_name('brightness'); "
         "heavy = [m for m in sys.modules if m.startswith(('torch', 'transformers', 'trl_arcopo.rewards.clip', "
-        "'trl_arcopo.rewards.videoalign', 'trl_arcopo.rewards.remote', 'trl_arcopo.rewards.builtin'))]; "
+        "'trl_arcopo.rewards.videoalign', 'trl_arcopo.rewards.remote', 'trl_arcopo.rewards.builtin', 'trl_arcopo.rewards.toy'))]; "
         "assert not heavy, heavy; "
         "assert r.PickScoreReward.__module__ == 'trl_arcopo.rewards.clip'"
     )

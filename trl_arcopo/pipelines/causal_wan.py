@@ -490,11 +490,12 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     # ------------------------------------------------------------------ text
 
-    @torch.no_grad()
     def encode_prompt(
         self, prompt: str | list[str], *, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        """umT5 embeddings ``[B, max_sequence_length, text_dim]``; positions past each prompt's length are zero."""
+        """umT5 embeddings ``[B, max_sequence_length, text_dim]``; positions past each prompt's length are zero.
+
+        Differentiable with respect to a trainable text encoder when grad is enabled (``__call__`` runs without)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         max_length = self.config.max_sequence_length
         inputs = self.tokenizer(

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     )
     from .registry import available_rewards, load_reward, register_reward
     from .remote import RemoteReward, RemoteRewardError
+    from .toy import ToyAdherenceReward, ToyColorReward, ToyPositionReward, ToySizeReward, ToySmoothnessReward
     from .videoalign import VideoAlignReward
 
 # Public names and the module that defines each.
@@ -58,6 +59,11 @@ _LAZY_EXPORTS = {
     "register_reward": ".registry",
     "RemoteReward": ".remote",
     "RemoteRewardError": ".remote",
+    "ToyAdherenceReward": ".toy",
+    "ToyColorReward": ".toy",
+    "ToyPositionReward": ".toy",
+    "ToySizeReward": ".toy",
+    "ToySmoothnessReward": ".toy",
     "VideoAlignReward": ".videoalign",
 }
 
@@ -70,6 +76,11 @@ __all__ = [
     "RemoteRewardError",
     "RewardFunctionError",
     "RewardOutputError",
+    "ToyAdherenceReward",
+    "ToyColorReward",
+    "ToyPositionReward",
+    "ToySizeReward",
+    "ToySmoothnessReward",
     "VideoAlignReward",
     "available_rewards",
     "brightness_reward",

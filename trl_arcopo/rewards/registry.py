@@ -7,9 +7,11 @@
 >>> load_reward("https://rewards.example.com", token=...)      # RemoteReward(url, token=...)
 
 Known names: the built-in rewards (``temporal_flicker``, ``colorfulness``, ``brightness``, ``sharpness``, also with
-a ``_reward`` suffix), ``videoalign``, ``pickscore``, ``clipscore``, ``aesthetic`` and ``remote``. Add your own with
-:func:`register_reward`. Nothing here turns ``trust_remote_code`` on, and nothing is imported before a reward is
-loaded: :func:`check_reward_name` checks a name without torch.
+a ``_reward`` suffix), the toy-world rewards (``toy_adherence``, ``toy_color``, ``toy_size``, ``toy_position``,
+``toy_smoothness``; options such as ``color="blue"`` go to their constructors), ``videoalign``, ``pickscore``,
+``clipscore``, ``aesthetic`` and ``remote``. Add your own with :func:`register_reward`. Nothing here turns
+``trust_remote_code`` on, and nothing is imported before a reward
+is loaded: :func:`check_reward_name` checks a name without torch.
 """
 
 from __future__ import annotations
@@ -195,3 +197,11 @@ register_reward(
     repo_ids=["trl-lib/ddpo-aesthetic-predictor"],
 )
 register_reward("remote", _lazy_loader(".remote", "RemoteReward"))
+for _name, _class in [
+    ("toy_adherence", "ToyAdherenceReward"),
+    ("toy_color", "ToyColorReward"),
+    ("toy_size", "ToySizeReward"),
+    ("toy_position", "ToyPositionReward"),
+    ("toy_smoothness", "ToySmoothnessReward"),
+]:
+    register_reward(_name, _lazy_loader(".toy", _class))
