@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, UMT5EncoderModel, get_cosine_schedule_with_warmup
 
 from ..pipelines.causal_wan import CausalWanPipeline
-from .components import TOY_PIPELINE_CONFIG, toy_transformer_config, toy_vae
+from .components import TOY_PIPELINE_CONFIG, TOY_VAE_STRIDES, toy_transformer_config, toy_vae
 from .text import toy_text_encoder, toy_tokenizer
 from .world import caption, render, sample_scene
 
@@ -60,17 +60,15 @@ class ToyTrainingConfig:
     output_dir: str = field(default="toy-run", metadata={"help": "Folder of the stages' results and checkpoints."})
     seed: int = field(default=0, metadata={"help": "Seed of every stage (data, initialisation, noise)."})
     # Video size
-    num_frames: int = field(
-        default=33, metadata={"help": "Pixel frames of the training videos (9 + 12·(chunks - 1))."}
-    )
-    height: int = field(default=64, metadata={"help": "Pixel height (a multiple of 16)."})
-    width: int = field(default=64, metadata={"help": "Pixel width (a multiple of 16)."})
+    num_frames: int = field(default=12, metadata={"help": "Frames of the videos (a multiple of the 3-frame chunk)."})
+    height: int = field(default=32, metadata={"help": "Pixel height (a multiple of 8)."})
+    width: int = field(default=32, metadata={"help": "Pixel width (a multiple of 8)."})
     # VAE
-    vae_steps: int = field(default=500, metadata={"help": "Optimizer steps of the VAE."})
-    vae_batch_size: int = field(default=8, metadata={"help": "Clips per VAE step."})
-    vae_clip_frames: int = field(default=9, metadata={"help": "Pixel frames of a VAE training clip."})
-    vae_crop: int = field(default=32, metadata={"help": "Side of the random square crop a VAE clip is trained on."})
-    vae_learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of the VAE."})
+    vae_steps: int = field(default=1500, metadata={"help": "Optimizer steps of the VAE."})
+    vae_batch_size: int = field(
+        default=16, metadata={"help": "Frames per VAE step (one from each of as many videos)."}
+    )
+    vae_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the VAE."})
     vae_kl_weight: float = field(default=1e-4, metadata={"help": "Weight of the per-element KL term."})
     # Dataset
     num_videos: int = field(default=3000, metadata={"help": "Rendered and encoded videos for the teacher."})
@@ -89,21 +87,38 @@ class ToyTrainingConfig:
     student_steps: int = field(default=1500, metadata={"help": "Optimizer steps of the few-step student."})
     student_batch_size: int = field(default=16, metadata={"help": "Videos per student step (x 4 sampler steps)."})
     student_learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate of the student."})
+    student_ode_states: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the student's steps 2..T trained on the teacher's ODE states instead of the clean ODE "
+            "chunk re-noised with fresh noise (the sampler's own inputs)."
+        },
+    )
     # Bookkeeping
     checkpoint_every: int = field(default=100, metadata={"help": "Steps between resumable checkpoints."})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
+    stop_after: str | None = field(
+        default=None,
+        metadata={"help": "Stop after this stage (vae, latents, teacher, ode, student); rerun without it to go on."},
+    )
 
     def __post_init__(self) -> None:
-        if self.height % 16 or self.width % 16 or self.height <= 0 or self.width <= 0:
-            raise ValueError(f"`height` and `width` must be positive multiples of 16, got {self.height}x{self.width}.")
-        if (self.num_frames - 9) % 12 or self.num_frames < 9:
-            raise ValueError(f"`num_frames` must be 9 + 12·k (9, 21, 33, ...), got {self.num_frames}.")
+        spatial, temporal = TOY_VAE_STRIDES
+        multiple = spatial * toy_transformer_config()["patch_size"][1]
+        if self.height <= 0 or self.width <= 0 or self.height % multiple or self.width % multiple:
+            raise ValueError(
+                f"`height` and `width` must be positive multiples of {multiple}, got {self.height}x{self.width}."
+            )
+        chunk = TOY_PIPELINE_CONFIG["num_frame_per_block"]
+        if self.num_frames < 1 or (self.num_frames - 1) % temporal or ((self.num_frames - 1) // temporal + 1) % chunk:
+            valid = ", ".join(str(temporal * (chunk * k - 1) + 1) for k in (1, 2, 3, 4))
+            raise ValueError(
+                f"`num_frames` must make whole chunks of latent frames ({valid}, ...), got {self.num_frames}."
+            )
         if self.ode_steps % 4:
             raise ValueError(
                 f"`ode_steps` must be a multiple of 4 (the sampler's timesteps lie on its grid), got {self.ode_steps}."
             )
-        if self.vae_crop > min(self.height, self.width) or self.vae_crop % 8:
-            raise ValueError(f"`vae_crop` must be a multiple of 8 no larger than the video, got {self.vae_crop}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -209,22 +224,40 @@ def _scenes_and_seeds(rng: np.random.Generator, count: int):
     return [caption(s) for s in scenes], scenes, [int(s) for s in rng.integers(2**31, size=count)]
 
 
-def _pixels(videos: torch.Tensor) -> torch.Tensor:
-    """Rendered ``[B, F, 3, H, W]`` in [0, 1] -> the VAE's ``[B, 3, F, H, W]`` in [-1, 1]."""
-    return videos.permute(0, 2, 1, 3, 4) * 2 - 1
+def _frames(videos: torch.Tensor) -> torch.Tensor:
+    """Rendered videos ``[B, F, 3, H, W]`` in [0, 1] -> single-frame clips ``[B·F, 3, 1, H, W]`` in [-1, 1] (the toy
+    autoencoder is per frame, so frames are encoded and decoded as a batch)."""
+    return videos.flatten(0, 1).unsqueeze(2) * 2 - 1
+
+
+@torch.no_grad()
+def encode_videos(vae: AutoencoderKLWan, videos: torch.Tensor) -> torch.Tensor:
+    """Latents ``[B, C, F, h, w]`` (posterior modes, not normalised) of rendered videos ``[B, F, 3, H, W]``."""
+    latents = vae.encode(_frames(videos)).latent_dist.mode()  # [B·F, C, 1, h, w]
+    return latents.squeeze(2).unflatten(0, videos.shape[:2]).transpose(1, 2)
 
 
 def train_vae(cfg: ToyTrainingConfig, out: Path) -> list[float]:
 
     torch.manual_seed(cfg.seed)
     vae = toy_vae()
+    with torch.no_grad():
+        # Start nearly deterministic (posterior std e^-4): from the default init (std ~1) the decoder first sees noise
+        # and learns the mean frame for hundreds of steps; the KL term then widens the posterior as far as it can.
+        z_dim = vae.config.z_dim
+        vae.quant_conv.weight[z_dim:].zero_()
+        vae.quant_conv.bias[z_dim:].fill_(-8.0)
+    # `AutoencoderKLWan.decode` clamps its output to [-1, 1], which zeroes the gradient of every overshooting pixel
+    # (a dark background learnt as < -1 would never be corrected): while training, the decoder's output is clamped in
+    # value but passes its gradient straight through.
+    hook = vae.decoder.register_forward_hook(lambda module, args, out: out - (out - out.clamp(-1, 1)).detach())
 
     def loss_fn(step: int) -> torch.Tensor:
         rng, generator = _stage_rng(cfg.seed, 1, step)
         _, scenes, seeds = _scenes_and_seeds(rng, cfg.vae_batch_size)
-        x = _pixels(render(scenes, cfg.vae_clip_frames, cfg.height, cfg.width, seed=seeds))
-        top, left = (int(v) for v in rng.integers(0, [cfg.height - cfg.vae_crop + 1, cfg.width - cfg.vae_crop + 1]))
-        x = x[..., top : top + cfg.vae_crop, left : left + cfg.vae_crop]
+        videos = render(scenes, cfg.num_frames, cfg.height, cfg.width, seed=seeds)
+        one_frame_each = torch.as_tensor(rng.integers(cfg.num_frames, size=len(videos)))
+        x = _frames(videos[torch.arange(len(videos)), one_frame_each].unsqueeze(1))
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
         reconstruction = vae.decode(z).sample
@@ -240,6 +273,7 @@ def train_vae(cfg: ToyTrainingConfig, out: Path) -> list[float]:
         output_dir=out,
         checkpoint_every=cfg.checkpoint_every,
     )
+    hook.remove()
     vae.save_pretrained(out / "vae")
     return losses
 
@@ -255,8 +289,7 @@ def encode_dataset(cfg: ToyTrainingConfig, out: Path) -> None:
     batch = 32
     for start in tqdm(range(0, cfg.num_videos, batch), desc="latents", dynamic_ncols=True):
         texts, scenes, seeds = _scenes_and_seeds(rng, min(batch, cfg.num_videos - start))
-        videos = _pixels(render(scenes, cfg.num_frames, cfg.height, cfg.width, seed=seeds))
-        latents.append(vae.encode(videos).latent_dist.mode())
+        latents.append(encode_videos(vae, render(scenes, cfg.num_frames, cfg.height, cfg.width, seed=seeds)))
         captions += texts
     latents = torch.cat(latents)
     mean = latents.mean(dim=(0, 2, 3, 4))
@@ -416,18 +449,26 @@ def train_student(cfg: ToyTrainingConfig, out: Path) -> list[float]:
     sigmas = torch.tensor(pipe.sigmas)
 
     def loss_fn(step: int) -> torch.Tensor:
-        rng, _ = _stage_rng(cfg.seed, 5, step)
+        rng, generator = _stage_rng(cfg.seed, 5, step)
         index = torch.as_tensor(rng.integers(len(latents), size=cfg.student_batch_size))
         c = step % num_chunks
         frames = slice(c * chunk, (c + 1) * chunk)
-        x_t = states[:, index, :, frames].flatten(0, 1)  # [T·B, C, f, h, w], step-major
+        clean = latents[index, :, frames]
+        # Step 1 starts from the ODE's own noise (so the noise decides the content); later steps see the clean ODE
+        # chunk re-noised with fresh noise, as the sampler does, or (a fraction `student_ode_states`) the ODE state.
+        renoised = (1 - sigmas[1:].view(-1, 1, 1, 1, 1, 1)) * clean + sigmas[1:].view(-1, 1, 1, 1, 1, 1) * torch.randn(
+            num_steps - 1, *clean.shape, generator=generator
+        )
+        on_path = torch.rand(num_steps - 1, len(index), generator=generator) < cfg.student_ode_states
+        later = torch.where(on_path.view(*on_path.shape, 1, 1, 1, 1), states[1:, index, :, frames], renoised)
+        x_t = torch.cat([states[:1, index, :, frames], later]).flatten(0, 1)  # [T·B, C, f, h, w], step-major
         context = latents[index, :, : c * chunk].repeat(num_steps, 1, 1, 1, 1)
         step_t = timesteps.repeat_interleave(len(index))
         step_sigma = sigmas.repeat_interleave(len(index)).view(-1, 1, 1, 1, 1)
         inputs, frame_t = _chunk_inputs(context, x_t, step_t)
         flow = pipe.forward_block_causal(inputs, frame_t, embeds[index].repeat(num_steps, 1, 1))[:, :, c * chunk :]
         x0 = x_t - step_sigma * flow
-        return (x0 - latents[index, :, frames].repeat(num_steps, 1, 1, 1, 1)).square().mean()
+        return (x0 - clean.repeat(num_steps, 1, 1, 1, 1)).square().mean()
 
     losses = _train_stage(
         "student",
@@ -487,11 +528,12 @@ def train_toy_pipeline(cfg: ToyTrainingConfig) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = out / "config.json"
-    if settings.exists() and json.loads(settings.read_text()) != asdict(cfg):
+    comparable = {k: v for k, v in asdict(cfg).items() if k not in ("stop_after", "threads", "checkpoint_every")}
+    if settings.exists() and json.loads(settings.read_text()) != comparable:
         raise ValueError(
             f"{out} holds a run with other settings ({settings}); use another --output_dir or the same settings."
         )
-    settings.write_text(json.dumps(asdict(cfg), indent=2))
+    settings.write_text(json.dumps(comparable, indent=2))
     record_path = out / "losses.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"losses": {}, "seconds": {}}
     stages: list[tuple[str, Callable[[ToyTrainingConfig, Path], list[float] | None]]] = [
@@ -510,6 +552,9 @@ def train_toy_pipeline(cfg: ToyTrainingConfig) -> Path:
             record["losses"][name] = losses
         record["seconds"][name] = time.perf_counter() - start
         record_path.write_text(json.dumps(record))
+        if name == cfg.stop_after:
+            _plot_losses(record["losses"], out / "loss_curves.png")
+            return out
     _plot_losses(record["losses"], out / "loss_curves.png")
     pipeline = assemble_pipeline(out)
     total = sum(record["seconds"].values())

@@ -1,6 +1,6 @@
 """A procedural video world of moving shapes, its captions and their parser.
 
-A scene is one or two objects (a circle, square or triangle in one of eight colours) over a plain or gradient
+A scene is one or two objects (a circle, square or triangle in one of seven colours) over a plain or gradient
 background. Each object moves in a direction (``left``/``right``/``up``/``down``, slowly or quickly) or bounces in
 place, and may turn into another colour. A caption states some of these attributes ("a small red circle moving left
 quickly and a blue square bouncing on a gray background"); whatever it leaves out (the size, speed, position, background,
@@ -8,7 +8,7 @@ even the colour or the motion) is drawn from the video's seed, so a text-to-vide
 let its initial noise decide it: the regime of few-step distilled generators.
 
 Coordinates are fractions of the frame: ``x`` from left to right, ``y`` from top to bottom (so "up" decreases ``y``).
-Speeds are fractions of the frame per video frame (16 fps). :func:`render` draws ``[B, F, 3, H, W]`` videos in
+Motion is defined over the video's duration (a speed is the distance travelled over the video). :func:`render` draws ``[B, F, 3, H, W]`` videos in
 ``[0, 1]`` with anti-aliased edges; :func:`parse` turns a caption back into a :class:`ToyScene`.
 """
 
@@ -43,13 +43,12 @@ __all__ = [
 ]
 
 COLORS: dict[str, tuple[float, float, float]] = {
-    "red": (0.92, 0.12, 0.12),
-    "orange": (1.0, 0.55, 0.05),
-    "yellow": (0.97, 0.92, 0.12),
-    "green": (0.15, 0.78, 0.2),
-    "blue": (0.15, 0.35, 1.0),
-    "purple": (0.6, 0.2, 0.85),
-    "pink": (1.0, 0.5, 0.78),
+    "red": (0.95, 0.1, 0.1),
+    "yellow": (0.97, 0.9, 0.1),
+    "green": (0.1, 0.8, 0.15),
+    "cyan": (0.1, 0.85, 0.95),
+    "blue": (0.15, 0.3, 1.0),
+    "magenta": (0.95, 0.2, 0.85),
     "white": (0.96, 0.96, 0.96),
 }
 SHAPES = ("circle", "square", "triangle")
@@ -59,9 +58,10 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
     "up": (0.0, -1.0),
     "down": (0.0, 1.0),
 }
-# Radius ranges (fraction of the frame's smaller side) and speed ranges (fraction of the frame per video frame).
-SIZES: dict[str, tuple[float, float]] = {"small": (0.09, 0.115), "large": (0.15, 0.18)}
-SPEEDS: dict[str, tuple[float, float]] = {"slowly": (0.006, 0.009), "quickly": (0.014, 0.018)}
+# Radius ranges (fraction of the frame's smaller side) and speed ranges (distance travelled over the whole video, as a
+# fraction of the frame: motion is defined over the video's duration, whatever its number of frames).
+SIZES: dict[str, tuple[float, float]] = {"small": (0.13, 0.16), "large": (0.2, 0.24)}
+SPEEDS: dict[str, tuple[float, float]] = {"slowly": (0.2, 0.3), "quickly": (0.4, 0.5)}
 # Plain backgrounds are dark and unsaturated so that every object colour stands out; "gradient" is a vertical blend of
 # two such tones drawn from the seed.
 BACKGROUNDS: dict[str, tuple[float, float, float] | None] = {
@@ -71,7 +71,7 @@ BACKGROUNDS: dict[str, tuple[float, float, float] | None] = {
     "gradient": None,
 }
 # Colour/shape pairs that `sample_scene` never produces by default: prompts with them test generalisation.
-HELD_OUT_PAIRS = frozenset({("purple", "triangle"), ("orange", "square"), ("green", "circle")})
+HELD_OUT_PAIRS = frozenset({("magenta", "triangle"), ("cyan", "square"), ("green", "circle")})
 
 _MOTIONS = ("moving", "bouncing")
 _SIZE_RANGE = (SIZES["small"][0], SIZES["large"][1])
@@ -136,7 +136,7 @@ class ObjectLayout:
         radius: fraction of the frame's smaller side (shapes of one radius have the same area).
         x, y: ``[F]`` centre positions (fractions of the frame).
         direction: the direction of travel for moving objects, None for bouncing ones.
-        speed: fraction of the frame per frame (0 for bouncing objects).
+        speed: distance travelled over the video, as a fraction of the frame (0 for bouncing objects).
     """
 
     shape: str
@@ -323,28 +323,25 @@ def _object_layout(obj: ToyObject, num_frames: int, rng: np.random.Generator) ->
     color = obj.color or str(rng.choice(list(COLORS)))
     radius = _uniform(rng, SIZES[obj.size] if obj.size else _SIZE_RANGE)
     motion = obj.motion or ("moving" if rng.random() < 0.8 else "bouncing")
-    t = np.arange(num_frames, dtype=np.float64)
+    u = np.linspace(0.0, 1.0, num_frames)  # time as a fraction of the video
     if motion == "moving":
         direction = obj.direction or str(rng.choice(list(DIRECTIONS)))
-        # Fit the whole path inside the frame: a longer video moves at most (1 - 2r) / (F - 1) per frame.
-        speed = min(
-            _uniform(rng, SPEEDS[obj.speed] if obj.speed else _SPEED_RANGE), (1 - 2 * radius) / max(1, num_frames - 1)
-        )
+        travel = min(_uniform(rng, SPEEDS[obj.speed] if obj.speed else _SPEED_RANGE), 1 - 2 * radius)
         dx, dy = DIRECTIONS[direction]
-        travel = speed * (num_frames - 1)
         along = _uniform(rng, (radius, 1 - radius - travel))  # start coordinate along the direction of travel
         across = _uniform(rng, (radius, 1 - radius))
         start = along if (dx + dy) > 0 else 1 - along
-        path = start + (dx + dy) * speed * t
-        x, y = (path, np.full_like(t, across)) if dx else (np.full_like(t, across), path)
+        path = start + (dx + dy) * travel * u
+        x, y = (path, np.full_like(u, across)) if dx else (np.full_like(u, across), path)
+        speed = travel
     else:
         direction, speed = None, 0.0
-        x = np.full_like(t, _uniform(rng, (radius, 1 - radius)))
+        x = np.full_like(u, _uniform(rng, (radius, 1 - radius)))
         floor = _uniform(rng, (max(0.6, 3 * radius), 1 - radius))
         height = _uniform(rng, (0.15, 0.3)) * min(1.0, (floor - radius) / 0.3)
-        period = _uniform(rng, (12.0, 18.0))
+        bounces = _uniform(rng, (1.2, 2.0))  # hops over the video
         phase = _uniform(rng, (0.0, 1.0))
-        y = floor - height * np.abs(np.sin(math.pi * (t / period + phase)))
+        y = floor - height * np.abs(np.sin(math.pi * (bounces * u + phase)))
     return ObjectLayout(
         shape=obj.shape,
         color=color,

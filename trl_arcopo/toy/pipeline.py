@@ -1,0 +1,39 @@
+"""The trained toy generator shipped inside the package, loaded as an ordinary ``CausalWanPipeline`` folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..pipelines.causal_wan import CausalWanPipeline
+
+__all__ = ["TOY_PIPELINE_DIR", "load_toy_pipeline"]
+
+# A `save_pretrained` folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/) + README.md.
+TOY_PIPELINE_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def load_toy_pipeline(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> CausalWanPipeline:
+    """The trained toy-world generator: 33 frames of 64x64 pixels from 3 chunks of the 4-step Self-Forcing sampler.
+
+    It loads through ``CausalWanPipeline.from_pretrained`` (the same path as a Hub pipeline), from the package.
+
+    Args:
+        device: where to put it (default: CPU).
+        dtype: dtype of its components (default: float32, the dtype it was trained in).
+
+    Example:
+        ```python
+        >>> from trl_arcopo.toy import load_toy_pipeline
+        >>> pipe = load_toy_pipeline()
+        >>> video = pipe("a red circle moving left", num_frames=33, height=64, width=64, output_type="pt").frames
+        ```
+    """
+    if not (TOY_PIPELINE_DIR / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"The toy pipeline's weights are missing from {TOY_PIPELINE_DIR}: reinstall trl_arcopo, or retrain them "
+            "with `trl-arcopo toy-train` and copy its `pipeline` folder there."
+        )
+    pipe = CausalWanPipeline.from_pretrained(TOY_PIPELINE_DIR, dtype=dtype or torch.float32)
+    return pipe.to(device) if device is not None else pipe
