@@ -1,6 +1,7 @@
 """`trl-arcopo train`: align a causal video generator with AR-CoPO.
 
-    trl-arcopo train --preset tiny                         # offline, about a minute on 2 CPU cores
+    trl-arcopo train                                       # the toy preset: offline, minutes on 2 CPU cores
+    trl-arcopo train --preset tiny                         # random weights, for quick checks
     trl-arcopo train --config examples/configs/self_forcing_on_policy.yaml --prompt_file prompts.txt
     trl-arcopo train --accelerate_config multi_gpu --num_processes 8 --preset self-forcing \\
         --dataset_name <hub dataset with a prompt column> --push_to_hub
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
     from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
 
+TOY_NUM_PROMPTS = 64
+NUM_COMPARED = 4  # prompts in the before/after video
 TINY_PROMPTS = [
     "a red car driving on a road at night",
     "a cat sitting on a wooden table",
@@ -49,6 +52,24 @@ TINY_PROMPTS = [
 # Defaults of each preset (YAML keys and flags override them). The AR-CoPO hyper-parameters of the paper
 # (docs/method.md §12: G=12, σ=0.5, B=4, ε=1e-4, μ=2, LoRA 64/128, lr 1e-5, 81x480x832) are the `ARCoPOConfig` defaults.
 PRESETS: dict[str, dict] = {
+    # The trained toy-world generator (trl_arcopo.toy): the objects turn red where the prompt says another colour.
+    "toy": {
+        "output_dir": "outputs/arcopo-toy",
+        "num_frames": 12,
+        "height": 32,
+        "width": 32,
+        "num_generations": 8,
+        "num_anchors": 4,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",
+        "max_steps": 40,
+        "save_steps": 20,
+        "log_videos_steps": 20,
+        "reward_funcs": ["toy_color"],
+        "report_to": "none",
+    },
     "tiny": {
         **TINY_TRAINING_ARGS,
         "output_dir": "outputs/arcopo-tiny",
@@ -128,8 +149,8 @@ def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, ARCoPOConfig]
 
 
 def load_prompts(script_args: ScriptArguments) -> Dataset:
-    """The training prompts as a dataset with a `prompt` column: `--prompt_file`, `--dataset_name`, or (tiny preset
-    only) a few built-in prompts."""
+    """The training prompts as a dataset with a `prompt` column: `--prompt_file`, `--dataset_name`, or (toy and tiny
+    presets only) built-in prompts: captions of random toy-world scenes, or a few fixed prompts."""
     from datasets import Dataset
 
     if script_args.prompt_file:
@@ -141,9 +162,38 @@ def load_prompts(script_args: ScriptArguments) -> Dataset:
             split=script_args.dataset_split,
             column=script_args.dataset_prompt_column,
         )
+    if script_args.preset == "toy":
+        from trl_arcopo.toy import sample_captions
+
+        return Dataset.from_dict({"prompt": sample_captions(TOY_NUM_PROMPTS, seed=0)})
     if script_args.preset == "tiny":
         return Dataset.from_dict({"prompt": TINY_PROMPTS})
     fail(f"the {script_args.preset} preset needs prompts: pass --prompt_file or --dataset_name")
+
+
+def write_before_after(trainer: ARCoPOTrainer, prompts: list[str], config: ARCoPOConfig) -> Path:
+    """Generate ``prompts`` with the base model (adapters off) and with the LoRA, from the same noises, and write them
+    side by side (a row per prompt, base left) as ``output_dir/before_after.mp4`` (or PNG frames) plus
+    ``before_after.png`` (4 moments of it). Returns the video's path."""
+    import torch
+
+    from trl_arcopo.utils.videos import comparison_video, contact_sheet, save_video, to_pil_frames
+
+    pipe = trainer.pipeline
+
+    def generate() -> torch.Tensor:
+        kwargs = {"num_frames": config.num_frames, "height": config.height, "width": config.width}
+        generator = torch.Generator().manual_seed(config.seed)
+        return pipe(prompts, generator=generator, output_type="pt", **kwargs).frames
+
+    with pipe.adapters_disabled():
+        before = generate()
+    after = generate()
+    video = comparison_video([before, after], scale=max(1, 128 // min(config.height, config.width)))
+    output_dir = Path(config.output_dir)
+    moments = torch.linspace(0, len(video) - 1, 4).round().long()
+    contact_sheet(to_pil_frames(video[moments]), columns=4).save(output_dir / "before_after.png")
+    return save_video(video, output_dir / "before_after", fps=config.video_fps)
 
 
 def main(argv: list[str] | None = None) -> ARCoPOTrainer:
@@ -152,10 +202,7 @@ def main(argv: list[str] | None = None) -> ARCoPOTrainer:
     Returns the trainer (for in-process use); bad input exits with code 2 and one line on stderr.
     """
     script_args, config = parse(argv)
-    import torch  # the heavy imports, once the arguments are known to be good
-
-    from trl_arcopo import ARCoPOTrainer
-    from trl_arcopo.utils.videos import save_video
+    from trl_arcopo import ARCoPOTrainer  # the heavy imports, once the arguments are known to be good
 
     semi_on_policy = config.training_mode == "semi_on_policy"
     prompts = None if semi_on_policy else load_prompts(script_args)  # the replay buffer brings its own
@@ -167,16 +214,8 @@ def main(argv: list[str] | None = None) -> ARCoPOTrainer:
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()
     if trainer.accelerator.is_main_process:
-        video = trainer.pipeline(
-            str(trainer.train_dataset["prompt"][0]),  # the buffer's first prompt in semi-on-policy mode
-            num_frames=config.num_frames,
-            height=config.height,
-            width=config.width,
-            generator=torch.Generator().manual_seed(config.seed),
-            output_type="pt",
-        ).frames[0]
-        path = save_video(video, Path(config.output_dir) / "sample", fps=config.video_fps)
-        print(f"LoRA, model card and a sample video ({path.name}) written to {config.output_dir}")
+        path = write_before_after(trainer, list(trainer.train_dataset["prompt"][:NUM_COMPARED]), config)
+        print(f"LoRA, model card and the base model vs the LoRA ({path.name}) written to {config.output_dir}")
     if config.push_to_hub:
         trainer.push_to_hub(dataset_name=config.replay_dataset if semi_on_policy else script_args.dataset_name)
     return trainer

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from trl_arcopo import CausalWanPipeline
 
-GENERATOR_PRESETS = ("tiny", "self-forcing")
+GENERATOR_PRESETS = ("toy", "tiny", "self-forcing")
 # The video geometry of both presets' generators (Self-Forcing on Wan2.1): the VAE packs 4 pixel frames (the first
 # one alone) and 8x8 pixels into one latent, the transformer's patches are 2x2 latents and a chunk is 3 latent
 # frames. `CausalWanPipeline.check_inputs` applies the same rule with the values of the loaded pipeline.
@@ -64,10 +64,11 @@ class GeneratorArguments:
     """The generator to load: a preset's, or a saved `CausalWanPipeline` (`--model`)."""
 
     preset: str = field(
-        default="tiny",
+        default="toy",
         metadata={
-            "help": "'tiny' (random weights, offline, CPU friendly) or 'self-forcing' (Self-Forcing on "
-            "Wan2.1-T2V-1.3B). `--model` replaces the preset's generator.",
+            "help": "'toy' (the trained toy-world generator shipped in the package: offline, CPU friendly), 'tiny' "
+            "(random weights, for quick checks) or 'self-forcing' (Self-Forcing on Wan2.1-T2V-1.3B). `--model` "
+            "replaces the preset's generator.",
             "choices": list(GENERATOR_PRESETS),
         },
     )
@@ -112,8 +113,9 @@ def generator_parser(*, require_generator: bool = False, **kwargs: Any) -> Scrip
 def load_generator(
     args: GeneratorArguments | argparse.Namespace, *, device: torch.device | str = "cpu", **pipeline_config: Any
 ) -> CausalWanPipeline:
-    """The generator of `args` on `device`: `args.model` (at `args.model_revision`), else the preset's (the tiny
-    random one, or Self-Forcing built from `args.self_forcing_checkpoint` and `args.base_model`).
+    """The generator of `args` on `device`: `args.model` (at `args.model_revision`), else the preset's (the trained
+    toy-world one, the tiny random one, or Self-Forcing built from `args.self_forcing_checkpoint` and
+    `args.base_model`).
 
     Args:
         args: the `GeneratorArguments` fields (a dataclass inheriting them, or the namespace of `generator_parser`).
@@ -139,6 +141,10 @@ def load_generator(
             )
         elif args.preset == "tiny":
             pipe = tiny_causal_wan_pipeline(**pipeline_config)
+        elif args.preset == "toy":
+            from trl_arcopo.toy import load_toy_pipeline
+
+            pipe = load_toy_pipeline(dtype=dtype, **pipeline_config)
         else:
             pipe = CausalWanPipeline.from_self_forcing(
                 args.self_forcing_checkpoint, args.base_model, dtype=dtype, **pipeline_config

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .world import HELD_OUT_PAIRS, ToyObject, ToyScene, caption, layout, parse, render, sample_scene
+from .world import HELD_OUT_PAIRS, ToyObject, ToyScene, caption, layout, parse, render, sample_captions, sample_scene
 
 if TYPE_CHECKING:
     from .pipeline import TOY_PIPELINE_DIR, load_toy_pipeline
@@ -17,7 +17,18 @@ if TYPE_CHECKING:
 _LAZY_EXPORTS = {"TOY_PIPELINE_DIR": ".pipeline", "load_toy_pipeline": ".pipeline"}
 
 __all__ = sorted(
-    ["HELD_OUT_PAIRS", "ToyObject", "ToyScene", "caption", "layout", "parse", "render", "sample_scene", *_LAZY_EXPORTS]
+    [
+        "HELD_OUT_PAIRS",
+        "ToyObject",
+        "ToyScene",
+        "caption",
+        "layout",
+        "parse",
+        "render",
+        "sample_captions",
+        "sample_scene",
+        *_LAZY_EXPORTS,
+    ]
 )
 
 

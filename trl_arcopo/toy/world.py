@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "layout",
     "parse",
     "render",
+    "sample_captions",
     "sample_scene",
     "vocabulary",
 ]
@@ -313,6 +315,12 @@ def sample_scene(
         objects.append(obj)
     background = str(rng.choice(list(BACKGROUNDS))) if rng.random() < p["background"] else None
     return ToyScene(objects=tuple(objects), background=background)
+
+
+def sample_captions(num: int, seed: int = 0, **kwargs: Any) -> list[str]:
+    """``num`` captions of random scenes (:func:`sample_scene` with ``kwargs``), deterministic by ``seed``."""
+    rng = np.random.default_rng(seed)
+    return [caption(sample_scene(rng, **kwargs)) for _ in range(num)]
 
 
 def _uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:

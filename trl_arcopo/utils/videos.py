@@ -18,10 +18,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["log_videos", "save_video"]
+__all__ = ["comparison_video", "contact_sheet", "log_videos", "save_video", "to_pil_frames"]
 
 
-def _to_pil(video: torch.Tensor) -> list[Image.Image]:
+def to_pil_frames(video: torch.Tensor) -> list[Image.Image]:
     """``[F, 3, H, W]`` in [0, 1] -> PIL frames."""
     frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(frame) for frame in frames]
@@ -30,20 +30,47 @@ def _to_pil(video: torch.Tensor) -> list[Image.Image]:
 def save_video(video: torch.Tensor | Sequence[Image.Image], path: str | Path, fps: int = 16) -> Path:
     """Write one video (``[F, 3, H, W]`` in [0, 1] or PIL frames) as ``path.mp4`` when imageio is installed (the
     ``video`` extra), else as a PNG contact sheet ``path.png``. Returns the written path."""
-    frames = _to_pil(video) if isinstance(video, torch.Tensor) else list(video)
+    frames = to_pil_frames(video) if isinstance(video, torch.Tensor) else list(video)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         return Path(export_to_video(frames, str(path.with_suffix(".mp4")), fps=fps))
     except ImportError:
-        width, height = frames[0].size
-        columns = min(len(frames), 8)
-        rows = -(-len(frames) // columns)
-        sheet = Image.new("RGB", (columns * width, rows * height))
-        for i, frame in enumerate(frames):
-            sheet.paste(frame, ((i % columns) * width, (i // columns) * height))
-        sheet.save(path.with_suffix(".png"))
+        contact_sheet(frames).save(path.with_suffix(".png"))
         return path.with_suffix(".png")
+
+
+def contact_sheet(frames: Sequence[Image.Image], columns: int = 8) -> Image.Image:
+    """The frames of a video side by side, ``columns`` per row."""
+    width, height = frames[0].size
+    columns = min(len(frames), columns)
+    rows = -(-len(frames) // columns)
+    sheet = Image.new("RGB", (columns * width, rows * height))
+    for i, frame in enumerate(frames):
+        sheet.paste(frame, ((i % columns) * width, (i // columns) * height))
+    return sheet
+
+
+def comparison_video(columns: Sequence[torch.Tensor], *, scale: int = 1, gap: int = 2) -> torch.Tensor:
+    """Videos compared side by side: ``columns`` are batches ``[N, F, 3, H, W]`` (e.g. the base model's and the
+    trained one's, same prompts and noises); row ``i`` shows video ``i`` of every column, left to right.
+
+    Args:
+        scale: nearest-neighbour upscaling, for small videos.
+        gap: white pixels between the videos (before upscaling).
+
+    Returns:
+        One video ``[F, 3, N * (H + gap) - gap, len(columns) * (W + gap) - gap] * scale`` in [0, 1].
+    """
+    num, frames, _, height, width = columns[0].shape
+    if any(c.shape != columns[0].shape for c in columns):
+        raise ValueError(f"The columns must have one shape, got {[tuple(c.shape) for c in columns]}.")
+    grid = torch.ones(frames, 3, num * (height + gap) - gap, len(columns) * (width + gap) - gap)
+    for j, column in enumerate(columns):
+        for i, video in enumerate(column.float().cpu().clamp(0, 1)):
+            top, left = i * (height + gap), j * (width + gap)
+            grid[:, :, top : top + height, left : left + width] = video
+    return grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
 
 
 def _tracker_media(tracker: ModuleType, paths: Sequence[Path], caption: str) -> dict[str, Any]:
