@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from trl_arcopo import cli
 from trl_arcopo.toy import train as toy_train
 from trl_arcopo.toy.train import ToyTrainingConfig, _train_stage, ode_sample, train_toy_pipeline
 
@@ -48,7 +49,7 @@ def test_interrupted_stage_resumes_exactly(tmp_path):
 
 def test_config_rejects_bad_sizes():
     with pytest.raises(ValueError, match="num_frames"):
-        ToyTrainingConfig(num_frames=9)
+        ToyTrainingConfig(num_frames=10)
     with pytest.raises(ValueError, match="height"):
         ToyTrainingConfig(height=20)
     with pytest.raises(ValueError, match="ode_steps"):
@@ -80,29 +81,32 @@ def test_ode_sample_records_the_sampler_states_and_converges(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_run_end_to_end_and_rerun_skips_finished_stages(tmp_path, monkeypatch):
-    cfg = ToyTrainingConfig(
-        output_dir=str(tmp_path / "run"),
-        num_frames=11,
-        height=16,
-        width=16,
-        vae_steps=2,
-        vae_batch_size=2,
-        num_videos=8,
-        teacher_steps=2,
-        teacher_batch_size=4,
-        ode_videos=4,
-        ode_steps=4,
-        ode_batch_size=4,
-        student_steps=2,
-        student_batch_size=2,
-        checkpoint_every=1,
-    )
-    folder = train_toy_pipeline(cfg)
+    settings = {
+        "output_dir": str(tmp_path / "run"),
+        "num_frames": 6,
+        "height": 16,
+        "width": 16,
+        "vae_steps": 2,
+        "vae_batch_size": 2,
+        "num_videos": 8,
+        "teacher_steps": 2,
+        "teacher_batch_size": 4,
+        "ode_videos": 4,
+        "ode_steps": 4,
+        "ode_batch_size": 4,
+        "student_steps": 2,
+        "student_batch_size": 2,
+        "checkpoint_every": 1,
+    }
+    # Through the command line, as a user retrains it.
+    assert cli.main(["toy-train", *(f"--{k}={v}" for k, v in settings.items())]) == 0
+    cfg = ToyTrainingConfig(**settings)
+    folder = tmp_path / "run" / "pipeline"
     from trl_arcopo import CausalWanPipeline
 
     pipe = CausalWanPipeline.from_pretrained(folder)
-    video = pipe("a red circle moving left", num_frames=11, height=16, width=16, output_type="pt").frames
-    assert video.shape == (1, 11, 3, 16, 16)
+    video = pipe("a red circle moving left", num_frames=6, height=16, width=16, output_type="pt").frames
+    assert video.shape == (1, 6, 3, 16, 16)
     record = json.loads((tmp_path / "run" / "losses.json").read_text())
     assert set(record["seconds"]) == {"vae", "latents", "teacher", "ode", "student"}
     assert len(record["losses"]["teacher"]) == 2

@@ -58,6 +58,7 @@ COMMANDS: dict[str, Command] = {
         "trl_arcopo.scripts.estimate_memory", "predict a training config's peak GPU memory, per phase and process"
     ),
     "reward-server": Command("trl_arcopo.rewards.server", "serve a reward model over HTTP"),
+    "toy-train": Command("trl_arcopo.toy.train", "retrain the toy-world generator shipped in the package (resumable)"),
 }
 
 
