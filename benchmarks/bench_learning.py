@@ -2,7 +2,7 @@
 
     python benchmarks/bench_learning.py --pipeline toy                   # the recorded figures (2 CPU cores)
     python benchmarks/bench_learning.py --pipeline tiny --quick          # smoke test, about a minute
-    python benchmarks/bench_learning.py --pipeline toy --rewards redness greenness --seeds 0 1 2 --steps 40
+    python benchmarks/bench_learning.py --pipeline toy --rewards redness toy_size --seeds 0 1 2 --steps 40
 
 Every run is an `ARCoPOTrainer` run (the real code path) with the preset of the pipeline (`trl-arcopo train --preset
 <pipeline>`) and the same budget: `--steps` optimizer steps on the same training prompts; the methods differ only in
@@ -41,28 +41,30 @@ from pathlib import Path
 
 PIPELINES = ("tiny", "toy")
 METHODS = ("fork", "sde", "lr0")
-# Captions of the toy world's grammar (the tiny pipeline reads the words it knows). Evaluation captions are disjoint
-# from the training ones and include colour/shape pairs the toy generator never saw in training.
+# Captions of the toy world (trl_arcopo.toy.world; the tiny pipeline reads the words it knows). Evaluation captions are
+# disjoint from the training ones and include colour/shape pairs the toy generator never saw in training.
 TRAIN_PROMPTS = [
-    "a red circle moving left",
-    "a blue square bouncing",
-    "a yellow triangle moving up",
+    "a blue circle moving left",
+    "a yellow square bouncing",
+    "a small magenta square moving down",
     "a white circle moving right quickly",
-    "a pink square moving down",
-    "a small green triangle bouncing on a gray background",
+    "a cyan triangle moving right",
+    "a large green square moving up slowly",
+    "a small yellow triangle bouncing on a gray background",
+    "a blue triangle moving down",
 ]
 EVAL_PROMPTS = [
-    "a red square moving right",
-    "a blue circle moving down",
-    "a yellow circle bouncing",
+    "a blue square moving right",
+    "a yellow circle moving down",
     "a white triangle moving left",
-    "a green square moving up",
-    "a pink triangle moving right slowly",
-    "a purple triangle bouncing",
-    "an orange square moving left",
+    "a large cyan circle bouncing",
+    "a magenta triangle moving up",
+    "a small green circle moving left",
+    "a cyan square moving down slowly",
+    "a red circle moving right",
 ]
 EVAL_SEED = 1000
-QUICK = {"rewards": ["redness"], "seeds": [0], "steps": 2, "eval_prompts": 2, "cosine_groups": 1}
+QUICK = {"rewards": ["toy_size"], "seeds": [0], "steps": 2, "eval_prompts": 2, "cosine_groups": 1}
 QUICK_TRAINING_ARGUMENTS = {"num_generations": 4, "num_anchors": 2}
 
 
@@ -77,12 +79,27 @@ def _channel_excess(channel: int) -> Callable:
     return score
 
 
+def _toy_reward(name: str) -> Callable:
+    """A registered toy-world reward (differentiable in the videos) as a tensor function of the videos."""
+
+    def score(videos):
+        from trl_arcopo.rewards import load_reward
+
+        return load_reward(name)([""] * len(videos), videos)
+
+    return score
+
+
 # Differentiable rewards: tensor functions of the videos (the direct-gradient diagnostic backpropagates through them).
 DIFFERENTIABLE_REWARDS: dict[str, Callable] = {
+    "toy_color": _toy_reward("toy_color"),  # how red the objects are
+    "toy_size": _toy_reward("toy_size"),  # the objects' area
+    "toy_position": _toy_reward("toy_position"),  # the objects' closeness to the centre
     "redness": _channel_excess(0),
     "greenness": _channel_excess(1),
     "blueness": _channel_excess(2),
 }
+DEFAULT_REWARDS = ["toy_color", "toy_size", "toy_position"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rewards",
         nargs="+",
-        default=list(DIFFERENTIABLE_REWARDS),
+        default=DEFAULT_REWARDS,
         help=f"rewards of this script ({', '.join(DIFFERENTIABLE_REWARDS)}) or registered reward names (no cosine)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
