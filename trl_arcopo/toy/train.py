@@ -12,10 +12,11 @@ Stages (each resumable; a finished stage is skipped when the command is run agai
    the text encoder is trained with it; captions are dropped 10 % of the time for classifier-free guidance.
 4. ``ode``: the teacher generates videos chunk by chunk with a many-step Euler ODE sampler (guided), recording the
    state at the 4 timesteps of the few-step sampler and the final clean latents.
-5. ``student``: initialised from the teacher, regressed on those ODE pairs: at every sampler timestep ``t_s`` its x̂0
-   from the ODE state (with the clean ODE context) must equal the ODE's clean chunk. This makes the initial noise
-   decide the content (the regime of Self-Forcing's distilled generators), and the result runs unchanged in
-   ``CausalWanPipeline``'s 4-step sampler with re-noising.
+5. ``student``: initialised from the teacher, regressed on those ODE pairs at the sampler's 4 timesteps: its x̂0 must
+   equal the ODE's clean chunk, from the ODE's initial noise at step 1 and, at steps 2-4, from that clean chunk
+   re-noised with fresh noise (what the sampler feeds it; ``student_ode_states`` mixes in the recorded ODE states),
+   with the clean ODE chunks before it as context. This makes the initial noise decide the content (the regime of
+   Self-Forcing's distilled generators), and the result runs unchanged in ``CausalWanPipeline``'s 4-step sampler.
 
 The result is a ``CausalWanPipeline`` folder (``save_pretrained``), a loss-curve PNG and ``losses.json``.
 """
