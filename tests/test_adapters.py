@@ -310,7 +310,7 @@ def test_merge_script_pushes_the_output_folder(adapter_dirs, tmp_path, monkeypat
         (["--preset", "tiny", "--adapter", "semi={semi}", "--scale", "semi=-1"], "must be a finite number >= 0"),
         (["--preset", "tiny", "--adapter", "semi={semi}", "--scale", "semi=0"], "All scales in `weights` are 0"),
         (["--preset", "tiny", "--adapter", "semi"], "'semi' is not NAME=VALUE"),
-        (["--adapter", "semi={semi}"], r"pass --model PATH_OR_REPO or --preset \{tiny,self-forcing\}"),
+        (["--adapter", "semi={semi}"], r"pass --model PATH_OR_REPO or --preset \{toy,tiny,self-forcing\}"),
         (["--preset", "tiny", "--adapter", "semi={tmp}/missing"], "--adapter semi=.*/missing: no such file or folder"),
         (["--model", "{tmp}/missing", "--adapter", "semi={semi}"], "--model .*/missing: "),
         (["--preset", "tiny", "--adapter", "semi={bad}"], "--adapter semi=.*: "),

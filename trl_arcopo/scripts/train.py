@@ -173,8 +173,8 @@ def load_prompts(script_args: ScriptArguments) -> Dataset:
 
 def write_before_after(trainer: ARCoPOTrainer, prompts: list[str], config: ARCoPOConfig) -> Path:
     """Generate ``prompts`` with the base model (adapters off) and with the LoRA, from the same noises, and write them
-    side by side (a row per prompt, base left) as ``output_dir/before_after.mp4`` (or PNG frames) plus
-    ``before_after.png`` (4 moments of it). Returns the video's path."""
+    side by side (a row per prompt, base left) as ``output_dir/before_after.mp4`` (a PNG of its frames without the
+    ``video`` extra) plus ``before_after_frames.png`` (4 moments of it). Returns the video's path."""
     import torch
 
     from trl_arcopo.utils.videos import comparison_video, contact_sheet, save_video, to_pil_frames
@@ -192,7 +192,7 @@ def write_before_after(trainer: ARCoPOTrainer, prompts: list[str], config: ARCoP
     video = comparison_video([before, after], scale=max(1, 128 // min(config.height, config.width)))
     output_dir = Path(config.output_dir)
     moments = torch.linspace(0, len(video) - 1, 4).round().long()
-    contact_sheet(to_pil_frames(video[moments]), columns=4).save(output_dir / "before_after.png")
+    contact_sheet(to_pil_frames(video[moments]), columns=4).save(output_dir / "before_after_frames.png")
     return save_video(video, output_dir / "before_after", fps=config.video_fps)
 
 
