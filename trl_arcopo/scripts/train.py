@@ -53,9 +53,11 @@ TINY_PROMPTS = [
 # (docs/method.md §12: G=12, σ=0.5, B=4, ε=1e-4, μ=2, LoRA 64/128, lr 1e-5, 81x480x832) are the `ARCoPOConfig` defaults.
 PRESETS: dict[str, dict] = {
     # The trained toy-world generator (trl_arcopo.toy): the objects turn red where the prompt says another colour.
+    # 9 frames (3 chunks of its per-frame latents; the config's frame count follows Wan's 4x temporal VAE: 1 + 4k).
     "toy": {
         "output_dir": "outputs/arcopo-toy",
-        "num_frames": 12,
+        "num_frames": 9,
+        "video_fps": 4,
         "height": 32,
         "width": 32,
         "num_generations": 8,
