@@ -185,9 +185,12 @@ def test_bad_input_fails_in_one_line_before_the_heavy_imports(tmp_path):
         ("collect", "--num_generations", "1"): "--num_generations must be >= 2",
         ("collect", "--noise_sigma", "0"): "--noise_sigma must be in (0, 1]",
         ("collect", "--noise_sigma", "5"): "--noise_sigma must be in (0, 1] (the paper uses 0.5), got 5.0",
+        ("collect", "--preset", "tiny", "--num_frames", "10"): "--num_frames 10 does not split into whole chunks of "
+        "the generator: use 9 + 12·k frames, e.g. 9, 21, 33",
+        ("collect", "--preset", "tiny", "--height", "40"): "--height 40 is not a multiple of 16: use 32 or 48",
         ("collect", "--num_frames", "10"): "--num_frames 10 does not split into whole chunks of the generator: use "
-        "9 + 12·k frames, e.g. 9, 21, 81",
-        ("collect", "--height", "40"): "--height 40 is not a multiple of 16: use 32 or 48",
+        "3 + 3·k frames, e.g. 9, 12, 15",
+        ("collect", "--height", "36"): "--height 36 is not a multiple of 8: use 32 or 40",
         ("generate", "--height", "0"): "--height must be >= 1, got 0",
         ("generate", "--fps", "0"): "--fps must be >= 1, got 0",
         ("generate", "--num_frames", "22"): "--num_frames 22 does not split into whole chunks",

@@ -29,11 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trl_arcopo.scripts.train import PRESETS as TRAIN_PRESETS
 from trl_arcopo.scripts.train import ScriptArguments, load_prompts
 from trl_arcopo.scripts.utils import (
     TINY_TRAINING_ARGS,
     ScriptParser,
     check_reward_names,
+    PRESET_GEOMETRY,
     check_video_size,
     fail,
     load_generator,
@@ -51,6 +53,12 @@ LOCK_FILE, LOCK_OWNER_FILE = ".collect.lock", ".collect.owner"
 # The generation settings of each preset: those of the `trl-arcopo train` preset of the same name, so that its
 # semi-on-policy run accepts the buffer (YAML keys and flags override them).
 PRESETS: dict[str, dict[str, Any]] = {
+    "toy": {
+        **{key: TRAIN_PRESETS["toy"][key] for key in ("num_frames", "height", "width", "num_generations")},
+        "output_dir": "outputs/replay-toy",
+        "num_groups": 16,
+        "reward_funcs": TRAIN_PRESETS["toy"]["reward_funcs"],
+    },
     "tiny": {
         **{key: TINY_TRAINING_ARGS[key] for key in ("num_frames", "height", "width", "num_generations")},
         "output_dir": "outputs/replay-tiny",
@@ -138,7 +146,8 @@ def _check(args: CollectArguments) -> None:
         fail(f"--noise_sigma must be in (0, 1] (the paper uses 0.5), got {args.noise_sigma}")
     if args.rollout_batch_size is not None and args.rollout_batch_size < 1:
         fail(f"--rollout_batch_size must be >= 1, got {args.rollout_batch_size}")
-    check_video_size(args.num_frames, args.height, args.width, geometry_known=args.model is None)
+    geometry = None if args.model else PRESET_GEOMETRY[args.preset]
+    check_video_size(args.num_frames, args.height, args.width, geometry=geometry)
     check_reward_names(args.reward_funcs, "--reward_funcs")
     if args.prompt_file:
         read_prompt_file(args.prompt_file)

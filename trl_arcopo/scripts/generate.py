@@ -35,8 +35,9 @@ if TYPE_CHECKING:
     from trl_arcopo import CausalWanPipeline
 
 # (num_frames, height, width) of each preset's generator.
-SIZES = {"tiny": (33, 64, 96), "self-forcing": (81, 480, 832)}
+SIZES = {"toy": (12, 32, 32), "tiny": (33, 64, 96), "self-forcing": (81, 480, 832)}
 DEFAULT_PROMPT = "a red car driving on a road at night"
+TOY_DEFAULT_PROMPT = "a large blue circle moving right"  # in the toy world's vocabulary
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -54,7 +55,7 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    """The generator options (default: the tiny preset), `--lora`, and the sampling ones."""
+    """The generator options (default: the toy preset), `--lora`, and the sampling ones."""
     parser = generator_parser(prog="trl-arcopo generate", description=__doc__)
     model = parser.add_argument_group("LoRAs and attention window")
     model.add_argument(
@@ -70,7 +71,12 @@ def make_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", help="where the videos are generated (default: cuda if available, else cpu)")
 
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--prompt", action="append", default=[], help=f"repeatable; default {DEFAULT_PROMPT!r}")
+    sampling.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help=f"repeatable; default {DEFAULT_PROMPT!r} ({TOY_DEFAULT_PROMPT!r} for the toy preset)",
+    )
     sampling.add_argument("--prompt_file", type=Path, help="a text file with one prompt per line")
     sampling.add_argument("--num_videos_per_prompt", type=int, default=1)
     add_video_size_arguments(sampling)
@@ -140,7 +146,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file is not None:
         prompts += read_prompt_file(args.prompt_file)
-    return prompts or [DEFAULT_PROMPT]
+    return prompts or [TOY_DEFAULT_PROMPT if args.preset == "toy" and args.model is None else DEFAULT_PROMPT]
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

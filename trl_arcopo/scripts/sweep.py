@@ -45,7 +45,7 @@ TINY_PROMPTS = [
     "a yellow flower in the garden",
 ]
 # (num_frames, height, width) of each preset's generator; a --model is sized like self-forcing.
-SIZES = {"tiny": (21, 32, 32), "self-forcing": (81, 480, 832)}
+SIZES = {"toy": (9, 32, 32), "tiny": (21, 32, 32), "self-forcing": (81, 480, 832)}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -99,6 +99,12 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
         prompts = list(dataset["prompt"])
     elif args.preset == "tiny" and args.model is None:
         prompts = TINY_PROMPTS
+    elif args.preset == "toy" and args.model is None:
+        from trl_arcopo.toy import sample_captions
+
+        # Captions the training prompts do not include, colour/shape pairs the generator never saw among them.
+        prompts = sample_captions(8, seed=1, held_out=frozenset(), mention={"color": 1.0})
+        prompts = [p for p in prompts if p not in sample_captions(64, seed=0)]
     else:
         fail("pass evaluation prompts with --prompt_file or --dataset_name")
     return prompts[: args.max_prompts]

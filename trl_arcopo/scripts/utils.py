@@ -33,10 +33,12 @@ if TYPE_CHECKING:
     from trl_arcopo import CausalWanPipeline
 
 GENERATOR_PRESETS = ("toy", "tiny", "self-forcing")
-# The video geometry of both presets' generators (Self-Forcing on Wan2.1): the VAE packs 4 pixel frames (the first
-# one alone) and 8x8 pixels into one latent, the transformer's patches are 2x2 latents and a chunk is 3 latent
-# frames. `CausalWanPipeline.check_inputs` applies the same rule with the values of the loaded pipeline.
-_FRAMES_PER_LATENT, _LATENTS_PER_CHUNK, _PIXEL_MULTIPLE = 4, 3, 16
+# The video geometry of the presets' generators, (pixel frames per latent frame, latent frames per chunk, pixel
+# multiple of height and width): Wan2.1's VAE packs 4 pixel frames (the first one alone) and 8x8 pixels into one
+# latent and the transformer's patches are 2x2 latents; the toy VAE is per-frame and 4x4. A chunk is 3 latent frames.
+# `CausalWanPipeline.check_inputs` applies the same rule with the values of the loaded pipeline.
+WAN_GEOMETRY = (4, 3, 16)
+PRESET_GEOMETRY = {"toy": (1, 3, 8), "tiny": WAN_GEOMETRY, "self-forcing": WAN_GEOMETRY}
 
 # ARCoPOConfig settings that make AR-CoPO learn on `tiny_causal_wan_pipeline` (2 chunks of 32x32 pixels): the tiny
 # preset of the examples and the base of the trainer tests.
@@ -172,31 +174,35 @@ def video_size(args: argparse.Namespace, sizes: Mapping[str, tuple[int, int, int
     default = sizes["self-forcing" if args.model else args.preset]
     given = (args.num_frames, args.height, args.width)
     size = tuple(value if value is not None else preset for value, preset in zip(given, default, strict=True))
-    check_video_size(*size, geometry_known=args.model is None)
+    check_video_size(*size, geometry=None if args.model else PRESET_GEOMETRY[args.preset])
     return size
 
 
-def check_video_size(num_frames: int, height: int, width: int, *, geometry_known: bool = True) -> None:
-    """Exit with one line naming the flag (`--num_frames`, `--height`, `--width`) unless the size is positive and,
-    with `geometry_known` (a preset's generator, not a `--model` whose pipeline checks its own sizes once loaded),
-    fits it: `num_frames` = 9 + 12·k, height and width multiples of 16."""
+def check_video_size(
+    num_frames: int, height: int, width: int, *, geometry: tuple[int, int, int] | None = WAN_GEOMETRY
+) -> None:
+    """Exit with one line naming the flag (`--num_frames`, `--height`, `--width`) unless the size is positive and
+    fits the generator's `geometry` (see `PRESET_GEOMETRY`; None for a `--model`, whose pipeline checks its own sizes
+    once loaded). With Wan2.1's, `num_frames` = 9 + 12·k and height and width are multiples of 16."""
     for flag, value in (("--num_frames", num_frames), ("--height", height), ("--width", width)):
         if value < 1:
             fail(f"{flag} must be >= 1, got {value}")
-    if not geometry_known:
+    if geometry is None:
         return
-    first, step = _FRAMES_PER_LATENT * (_LATENTS_PER_CHUNK - 1) + 1, _FRAMES_PER_LATENT * _LATENTS_PER_CHUNK
+    frames_per_latent, latents_per_chunk, pixel_multiple = geometry
+    first = frames_per_latent * (latents_per_chunk - 1) + 1 if frames_per_latent > 1 else latents_per_chunk
+    step = frames_per_latent * latents_per_chunk
     if num_frames < first or (num_frames - first) % step:
         lower = max(first, num_frames - (num_frames - first) % step)
         fail(
             f"--num_frames {num_frames} does not split into whole chunks of the generator: use {first} + {step}·k "
-            f"frames, e.g. {', '.join(str(n) for n in sorted({lower, lower + step, 81}))}"
+            f"frames, e.g. {', '.join(str(n) for n in sorted({lower, lower + step, lower + 2 * step}))}"
         )
     for flag, value in (("--height", height), ("--width", width)):
-        if value % _PIXEL_MULTIPLE:
-            lower = value - value % _PIXEL_MULTIPLE
-            nearest = " or ".join(str(n) for n in (lower, lower + _PIXEL_MULTIPLE) if n > 0)
-            fail(f"{flag} {value} is not a multiple of {_PIXEL_MULTIPLE}: use {nearest}")
+        if value % pixel_multiple:
+            lower = value - value % pixel_multiple
+            nearest = " or ".join(str(n) for n in (lower, lower + pixel_multiple) if n > 0)
+            fail(f"{flag} {value} is not a multiple of {pixel_multiple}: use {nearest}")
 
 
 def check_reward_names(names: Sequence[str], flag: str) -> None:
