@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 from trl_arcopo.scripts.train import PRESETS as TRAIN_PRESETS
 from trl_arcopo.scripts.train import ScriptArguments, load_prompts
 from trl_arcopo.scripts.utils import (
+    PRESET_GEOMETRY,
     TINY_TRAINING_ARGS,
     ScriptParser,
     check_reward_names,
-    PRESET_GEOMETRY,
     check_video_size,
     fail,
     load_generator,
