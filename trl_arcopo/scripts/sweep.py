@@ -103,7 +103,7 @@ def load_prompts(args: argparse.Namespace) -> list[str]:
         from trl_arcopo.toy import sample_captions
 
         # Captions the training prompts do not include, colour/shape pairs the generator never saw among them.
-        prompts = sample_captions(8, seed=1, held_out=frozenset(), mention={"color": 1.0})
+        prompts = sample_captions(16, seed=1, held_out=frozenset(), mention={"color": 1.0})
         prompts = [p for p in prompts if p not in sample_captions(64, seed=0)]
     else:
         fail("pass evaluation prompts with --prompt_file or --dataset_name")
