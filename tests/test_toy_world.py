@@ -1,8 +1,12 @@
 """The toy world (render, captions, parse, sampling) and its detector (background, blobs, tracks, caption adherence),
 including the detector's accuracy on renders of random scenes, perfect and degraded."""
 
+import importlib.util
+import json
+import math
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -473,3 +477,71 @@ def test_differentiable_rewards_match_finite_differences(name, kwargs):
         numeric = (reward(texts, videos + eps * direction) - reward(texts, videos - eps * direction)) / (2 * eps)
     analytic = (gradient * direction).sum()
     assert float(analytic) == pytest.approx(float(numeric.sum()), rel=1e-3, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# benchmarks/bench_toy_world.py
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_toy_world.py"
+    spec = importlib.util.spec_from_file_location("bench_toy_world", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_toy_world_runs_on_an_untrained_pipeline(bench, tmp_path, monkeypatch):
+    from trl_arcopo.pipelines.causal_wan import CausalWanPipeline
+    from trl_arcopo.toy.components import TOY_PIPELINE_CONFIG, toy_components
+
+    torch.manual_seed(0)
+    CausalWanPipeline(**toy_components(), **TOY_PIPELINE_CONFIG).save_pretrained(tmp_path / "pipe")
+    figure = tmp_path / "figures" / "strip.png"
+    monkeypatch.setattr(bench, "FIGURE", figure)
+    args = [
+        "--pipeline",
+        str(tmp_path / "pipe"),
+        "--num_prompts",
+        "8",
+        "--diversity_prompts",
+        "1",
+        "--diversity_noises",
+        "2",
+    ]
+    results = bench.main([*args, "--json", str(tmp_path / "out.json"), "--write-figures"])
+    assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(results))
+    # The renderer is the ceiling: the detector confirms most of what its prompts state; its videos differ by seed.
+    for split in ("in_distribution", "held_out"):
+        cells = results["renderer"]["adherence"][split].values()
+        assert all(cell["rate"] >= 0.75 for cell in cells if cell["n"]), results["renderer"]["adherence"]
+    assert results["renderer"]["adherence"]["held_out"]["color"]["n"] == 2
+    assert results["renderer"]["diversity"]["pixel_distance"] > 0.01
+    assert results["generator"]["diversity"]["pixel_distance"] > 0
+    assert math.isfinite(results["vae_psnr_db"])
+    from PIL import Image
+
+    assert Image.open(figure).size == (5 * 66, 6 * 66)
+
+
+def test_bench_toy_world_prompts_and_errors(bench, monkeypatch, tmp_path):
+    texts, held_out = bench.prompts(40, 0)
+    assert texts == bench.prompts(40, 0)[0] and sum(held_out) == 10
+    pairs = {(o.color, o.shape) for text in texts for o in parse(text).objects}
+    assert all(
+        ({(o.color, o.shape) for o in parse(t).objects} & HELD_OUT_PAIRS)
+        for t, h in zip(texts, held_out, strict=True)
+        if h
+    )
+    assert HELD_OUT_PAIRS <= pairs
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--diversity_noises", "1"])
+    # Without --pipeline and without shipped weights: a clear message, not a traceback.
+    import trl_arcopo.toy.pipeline as toy_pipeline
+
+    monkeypatch.setattr(toy_pipeline, "TOY_PIPELINE_DIR", tmp_path / "missing")
+    with pytest.raises(SystemExit, match="--pipeline PATH"):
+        bench.load_pipeline(bench.parse_args([]))
