@@ -1,22 +1,29 @@
 """Read the toy world back from pixels: the background, the objects (colour, shape, size, motion) and how well a video
 follows its caption.
 
-The detector judges generated frames as a person would, without knowing how they were made:
+The detector judges frames ``[B, F, 3, H, W]`` in ``[0, 1]`` as a person would, without knowing how they were made
+(perfect renders, blurred, noisy or colour-shifted ones, a generator's output):
 
-1. **Background** (:func:`estimate_background`): the per-row median colour of each frame, fitted by a straight line
-   in the row (plain and vertical-gradient backgrounds), refitted without the rows that objects dominate.
-2. **Foreground**: pixels whose colour is far from the background (:func:`soft_foreground` is the differentiable
-   version the toy rewards use), grouped into 8-connected blobs.
-3. **Blobs** (:func:`detect_blobs`): per frame, the largest blobs; for each, its core colour (the pixels farthest
-   from the background, robust to blur) named in CIELAB (:func:`name_colors`), its coverage ``α`` (the projection of
-   each pixel onto the blob's colour, which undoes anti-aliasing and blur), area and centroid from ``α``, and its shape
-   from how much of its bounding box the ``α ≥ 0.5`` mask fills (square 1, circle π/4, triangle 1/2).
-4. **Tracks** (:func:`detect`): blobs linked over frames by nearest predicted centroid; per track, the colour at the
-   start and at the end, the shape by majority, the equivalent radius, and the motion from the smoothed path:
-   ``"bouncing"`` when the vertical path is much longer than the vertical range (hops in place), ``"moving"`` in the
-   direction of the net displacement when it exceeds a threshold, ``"still"`` otherwise.
+1. **Background** (:func:`estimate_background`): the world's backgrounds are static plain colours or vertical
+   gradients; per video, a line in the row index fitted to the row medians of the per-pixel median over frames.
+2. **Foreground and blobs** (:func:`detect_blobs`): pixels farther than 0.2 (RGB) from the background, labelled by the
+   named colour that best explains them as a blend with the background (anti-aliased rims and blurred edges keep their
+   object's colour); connected regions of one label, joined when touching regions have the same colour. Overlapping
+   objects of different colours stay apart; an object whose colour lies between two names stays whole.
+3. **Per blob**: its core colour (pixels weighted by their distance to the background, so the centre of a blurred
+   blob rather than its rim) named in a perceptual space (:func:`perceptual_color`); its coverage ``α`` (the
+   projection of each pixel onto the blob's colour, which undoes anti-aliasing and blur) giving area and centroid; its
+   shape: triangles (the world's point up) by the vertical skewness of ``α`` (blur does not change the third
+   cumulant), then squares and circles by how much of its bounding box the ``α ≥ 0.5`` mask fills (1 and π/4).
+4. **Tracks** (:func:`detect`): blobs linked over frames by nearest predicted centroid and colour, through frames where
+   an object is hidden; per track, the colour over the first and the last quarter, the shape by majority over frames
+   where it is whole, the equivalent radius, and the motion of the path: ``"bouncing"`` when the vertical path is much
+   longer than the vertical range (hops in place), else ``"moving"`` in the direction of the net displacement when it
+   exceeds 6 % of the frame, else ``"still"``.
 
-:func:`adherence` compares a caption's :func:`~trl_arcopo.toy.world.parse` with a detection, attribute by attribute.
+:func:`adherence` compares a caption's :func:`~trl_arcopo.toy.world.parse` with a detection, attribute by attribute;
+:func:`soft_foreground` is the differentiable coverage the toy rewards (:mod:`trl_arcopo.rewards.toy`) are built on.
+Accuracy on renders of the world is measured by ``tests/test_toy_world.py`` and ``benchmarks/bench_toy_world.py``.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ __all__ = [
     "detect_blobs",
     "estimate_background",
     "name_colors",
-    "rgb_to_lab",
+    "perceptual_color",
     "soft_foreground",
 ]
 
@@ -58,22 +65,25 @@ FOREGROUND_THRESHOLD = 0.2
 _SOFT_FLOOR = 0.08
 _SOFT_CONTRAST = 0.3
 _SOFT_RADIUS = 3
-# Row fit: rows farther than this (summed over RGB) from the fitted line are treated as covered by objects.
-_ROW_OUTLIER = 0.1
+# Background fit: rows farther than this (summed over RGB) from a line are treated as covered by objects.
+_ROW_OUTLIER = 0.06
 # Touching regions whose core colours are this close (RGB) are one object.
 _SAME_COLOR_DISTANCE = 0.15
-# Blobs smaller than this fraction of the frame are noise or slivers where objects overlap (the smallest object of
-# the world covers 2.5 %).
-MIN_BLOB_AREA = 0.01
+# Blobs smaller than this fraction of the frame are noise or slivers where objects overlap (the blended rim of a red
+# object over a blue one reads as magenta); the smallest object of the world covers 5.3 %.
+MIN_BLOB_AREA = 0.02
 MAX_BLOBS = 4
 # Shape: triangles by their vertical skewness (-0.57 pointing up, 0 for the others), then circles and squares by the
 # bounding-box fill ratio of the α ≥ 0.5 mask (π/4 ≈ 0.785 and 1).
 _SKEW_TRIANGLE = -0.15
 _FILL_CIRCLE_SQUARE = 0.87
-# The lightness of CIELAB weighs half as much as the chroma when naming colours (blur and dim generators change it).
+# The lightness of CIELAB weighs half as much as the chroma when comparing colours.
 _LIGHTNESS_WEIGHT = 0.5
-# Tracking: the largest jump of a centroid between consecutive frames (fraction of the frame).
+# Tracking: the largest jump of a centroid between consecutive frames, as a fraction of the frame, is the larger of
+# these: per frame, and over the whole video (the world's fastest motion, a high double hop, travels about 1.9 over a
+# video: 0.17 per frame at 12 frames).
 _MAX_JUMP = 0.15
+_MAX_JUMP_PER_VIDEO = 2.4
 # Motion: net displacements below this fraction of the frame are "still"; a vertical path this many times longer than
 # the vertical range is "bouncing".
 _MIN_DISPLACEMENT = 0.06
@@ -92,7 +102,7 @@ _PLAIN_BACKGROUNDS = {name: rgb for name, rgb in BACKGROUNDS.items() if rgb is n
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
+def _rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """sRGB in ``[0, 1]`` ``[..., 3]`` → CIELAB (D65) ``[..., 3]`` (``L`` in 0–100); differentiable everywhere."""
     rgb = rgb.clamp(0, 1)
     linear = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055).pow(2.4))
@@ -107,19 +117,23 @@ def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], dim=-1)
 
 
-def _weighted_lab(lab: torch.Tensor) -> torch.Tensor:
+def perceptual_color(rgb: torch.Tensor) -> torch.Tensor:
+    """Where the detector and ``toy_color`` compare colours: sRGB ``[..., 3]`` in ``[0, 1]`` → CIELAB (D65) with the
+    lightness halved, ``[..., 3]``; Euclidean distances there are ΔE units (lightness counting half, since blur and
+    dim generators change it most). Differentiable everywhere."""
+    lab = _rgb_to_lab(rgb)
     return lab * lab.new_tensor([_LIGHTNESS_WEIGHT, 1.0, 1.0])
 
 
 _COLOR_NAMES = tuple(COLORS)
-_NAMED_LAB = _weighted_lab(rgb_to_lab(torch.tensor(list(COLORS.values()))))
+_NAMED = perceptual_color(torch.tensor(list(COLORS.values())))
 
 
 def name_colors(rgb: torch.Tensor) -> torch.Tensor:
     """Index into :data:`~trl_arcopo.toy.world.COLORS` of the nearest named colour of each ``[..., 3]`` RGB colour
-    (CIELAB distance with the lightness weighted by one half), as a ``[...]`` long tensor."""
-    lab = _weighted_lab(rgb_to_lab(rgb.float()))
-    return torch.cdist(lab.reshape(-1, 3), _NAMED_LAB.to(lab.device)).argmin(-1).view(rgb.shape[:-1])
+    (in :func:`perceptual_color` space), as a ``[...]`` long tensor."""
+    color = perceptual_color(rgb.float())
+    return torch.cdist(color.reshape(-1, 3), _NAMED.to(color.device)).argmin(-1).view(rgb.shape[:-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -137,28 +151,30 @@ def estimate_background(videos: torch.Tensor) -> torch.Tensor:
     """The background colour of every row of every frame, ``[B, F, 3, H, 1]``; differentiable in ``videos``.
 
     The world's backgrounds are static, plain or vertical gradients. Per video, the per-pixel median over frames
-    (objects move away from most pixels), then its per-row median, fitted by a line in the row index and refitted
-    without the rows more than 0.1 from the first fit (rows objects dominate); per frame, the median difference
-    between the frame and that line is added (a background that brightens or dims over the video).
+    (objects move away from most pixels), then its per-row medians; the line in the row index that most of them lie on
+    (the best of the lines through pairs of rows, then least squares over the rows it fits), so rows that objects
+    dominate do not pull it. Per frame, the median difference between the frame and that line is added (a background
+    that brightens or dims over the video).
     """
     _check_videos(videos)
     height = videos.shape[-2]
     rows = videos.median(dim=1).values.median(dim=-1).values  # [B, 3, H]
-    v = (torch.arange(height, device=videos.device, dtype=videos.dtype) + 0.5) / height - 0.5
-    weights = torch.ones_like(rows[:, :1])  # [B, 1, H]
-    for _ in range(2):
-        total = weights.sum(-1, keepdim=True).clamp_min(1e-6)
-        v_mean = (weights * v).sum(-1, keepdim=True) / total
-        r_mean = (weights * rows).sum(-1, keepdim=True) / total
-        dv = v - v_mean
-        slope = (weights * dv * (rows - r_mean)).sum(-1, keepdim=True) / (weights * dv.square()).sum(
-            -1, keepdim=True
-        ).clamp_min(1e-6)
-        fit = r_mean + slope * dv  # [B, 3, H]
-        inliers = ((rows - fit).abs().sum(1, keepdim=True) < _ROW_OUTLIER).to(rows.dtype)
-        # When fewer than two rows are inliers, keep the previous weights.
-        weights = torch.where(inliers.sum(-1, keepdim=True) >= 2, inliers, weights)
-    line = fit[:, None, :, :, None]  # [B, 1, 3, H, 1]
+    v = (torch.arange(height, device=videos.device, dtype=videos.dtype) + 0.5) / height
+    step = max(1, height // 16)
+    pairs = [(i, j) for i in range(0, height, step) for j in range(i + max(1, height // 4), height, step)] or [(0, 0)]
+    first, second = (torch.tensor(p, device=videos.device) for p in zip(*pairs, strict=True))
+    slope = (rows[..., second] - rows[..., first]) / (v[second] - v[first]).clamp_min(1e-6)  # [B, 3, P]
+    candidates = rows[..., first, None] + slope[..., None] * (v - v[first, None])  # [B, 3, P, H]
+    inliers = ((candidates - rows.unsqueeze(2)).abs().sum(1) < _ROW_OUTLIER).to(rows.dtype)  # [B, P, H]
+    weights = inliers.gather(1, inliers.sum(-1).argmax(1)[:, None, None].expand(-1, 1, height))  # [B, 1, H]
+    total = weights.sum(-1, keepdim=True).clamp_min(1e-6)
+    v_mean = (weights * v).sum(-1, keepdim=True) / total
+    r_mean = (weights * rows).sum(-1, keepdim=True) / total
+    dv = v - v_mean
+    slope = (weights * dv * (rows - r_mean)).sum(-1, keepdim=True) / (weights * dv.square()).sum(
+        -1, keepdim=True
+    ).clamp_min(1e-6)
+    line = (r_mean + slope * dv)[:, None, :, :, None]  # [B, 1, 3, H, 1]
     offset = (videos - line).flatten(3).median(-1).values  # [B, F, 3]
     return line + offset[..., None, None]
 
@@ -236,6 +252,7 @@ class Blobs:
         fill: ``[B, F, K]`` fraction of the bounding box of the ``α ≥ 0.5`` mask it fills (circle π/4, square 1).
         skew: ``[B, F, K]`` skewness of the coverage along the vertical (the world's triangles point up: -0.57).
         shape_index: ``[B, F, K]`` the shape these imply (index into :data:`~trl_arcopo.toy.world.SHAPES`).
+        touching: ``[B, F, K]`` whether the blob touches another (one may hide part of the other).
         background: ``[B, F, 3, H, 1]`` as :func:`estimate_background`.
     """
 
@@ -248,6 +265,7 @@ class Blobs:
     fill: torch.Tensor
     skew: torch.Tensor
     shape_index: torch.Tensor
+    touching: torch.Tensor
     background: torch.Tensor
 
 
@@ -334,7 +352,9 @@ def detect_blobs(videos: torch.Tensor) -> Blobs:
     masks = (labels.unsqueeze(1) == top[:, :, None, None]) & valid[:, :, None, None]  # [N, K, H, W]
     # One pixel of margin for the soft rims, but not into the other blobs.
     others = masks.sum(1, keepdim=True) - masks.float()
-    region = F.max_pool2d(masks.float(), 3, stride=1, padding=1) * (1 - others)
+    grown = F.max_pool2d(masks.float(), 3, stride=1, padding=1)
+    region = grown * (1 - others)
+    touching = (grown * others).flatten(2).amax(-1) > 0  # [N, K]
 
     diff = pixels - bg  # [N, 3, H, W]
     # Core colour: pixels weighted by distance⁴ (the centre of a blurred blob, not its rim).
@@ -375,6 +395,7 @@ def detect_blobs(videos: torch.Tensor) -> Blobs:
         fill=video_major(fill.float()),
         skew=video_major(skew),
         shape_index=video_major(shape_index),
+        touching=video_major(touching),
         background=background,
     )
 
@@ -405,7 +426,8 @@ class DetectedObject:
         x, y: ``[F]`` centroids, NaN in frames where the object was not seen.
         motion: ``"moving"``, ``"bouncing"`` or ``"still"``.
         direction: for moving objects, the direction of the net displacement; else None.
-        speed: net displacement per frame (fraction of the frame); ``speed_name`` names it for moving objects.
+        speed: travel over the whole video (fraction of the frame, the unit of :data:`~trl_arcopo.toy.world.SPEEDS`);
+            ``speed_name`` names it for moving objects.
         coverage: fraction of the frames in which the object was seen apart from other blobs.
     """
 
@@ -442,11 +464,14 @@ class VideoDetection:
 def _link(blobs: dict[str, np.ndarray]) -> list[dict[int, int]]:
     """Tracks as ``{frame: blob slot}``.
 
-    In each frame, blobs go to tracks by increasing cost (the distance of the blob's centroid to where the track is
-    heading, plus half the RGB distance between their colours), within a jump that grows with the frames the track
-    missed (objects hidden by others); blobs left over start new tracks.
+    In each frame, blobs go to tracks by increasing cost: the distance of the blob's centroid to where the track is
+    heading (its last velocity), plus the RGB distance between their colours, plus half the log-ratio of their areas
+    (objects crossing each other differ in colour or size). A blob is a candidate when it lies within a jump of where
+    the track is heading or of where it was (a bounce turns back); the jump grows with the frames the track missed
+    (objects hidden by others). Blobs left over start new tracks.
     """
     frames = blobs["valid"].shape[0]
+    max_jump = max(_MAX_JUMP, _MAX_JUMP_PER_VIDEO / max(1, frames - 1))
     position = np.stack([blobs["x"], blobs["y"]], -1)  # [F, K, 2]
     tracks: list[dict[int, int]] = []
     for t in range(frames):
@@ -455,16 +480,18 @@ def _link(blobs: dict[str, np.ndarray]) -> list[dict[int, int]]:
         for i, track in enumerate(tracks):
             seen = list(track)  # frames in increasing order (dicts keep insertion order)
             last = seen[-1]
-            predicted = position[last, track[last]]
+            # Where the track is heading, or where it was (an object turning back, a bounce, is nearer the latter).
+            predicted = [position[last, track[last]]]
             if len(seen) >= 2:
-                velocity = (predicted - position[seen[-2], track[seen[-2]]]) / (last - seen[-2])
-                predicted = predicted + velocity * (t - last)
-            limit = _MAX_JUMP * (1 + 0.5 * (t - last - 1))
+                velocity = (predicted[0] - position[seen[-2], track[seen[-2]]]) / (last - seen[-2])
+                predicted.append(predicted[0] + velocity * (t - last))
+            limit = max_jump * (1 + 0.5 * (t - last - 1))
             for k in slots:
-                jump = np.linalg.norm(position[t, k] - predicted)
-                if jump < limit:
+                jumps = [np.linalg.norm(position[t, k] - p) for p in predicted]
+                if min(jumps) < limit:
                     color = np.linalg.norm(blobs["color"][t, k] - blobs["color"][last, track[last]])
-                    costs.append((jump + 0.5 * color, i, int(k)))
+                    area = abs(np.log(blobs["area"][t, k] / blobs["area"][last, track[last]]))
+                    costs.append((jumps[-1] + color + 0.5 * area, i, int(k)))
         taken_tracks, taken_slots = set(), set()
         for _, i, k in sorted(costs):
             if i not in taken_tracks and k not in taken_slots:
@@ -479,33 +506,38 @@ def _majority(values: Sequence) -> object:
     return Counter(values).most_common(1)[0][0]
 
 
-def _motion(x: np.ndarray, y: np.ndarray) -> tuple[str, str | None, float]:
-    """``(motion, direction, speed)`` from a track's centroids ``[T]`` (frames where it was seen, interpolated)."""
+def _motion(x: np.ndarray, y: np.ndarray, num_frames: int) -> tuple[str, str | None, float]:
+    """``(motion, direction, speed)`` from a track's centroids ``[T]`` (consecutive frames, hidden ones interpolated)
+    in a video of ``num_frames`` frames; the speed is the travel over the whole video (the world's unit), from the
+    least-squares slope of the path."""
     if len(x) < 3:
         return "still", None, 0.0
     kernel = np.ones(3) / 3
     xs, ys = (np.convolve(np.pad(c, 1, mode="edge"), kernel, mode="valid") for c in (x, y))
-    steps = len(x) - 1
     net = np.array([xs[-1] - xs[0], ys[-1] - ys[0]])
+    time = np.arange(len(x))
+    travel = np.array([np.polyfit(time, c, 1)[0] for c in (x, y)]) * (num_frames - 1)
     path_y = np.abs(np.diff(ys)).sum()
     range_y = ys.max() - ys.min()
     if range_y > _MIN_DISPLACEMENT and path_y > _BOUNCE_PATH_RATIO * max(range_y, abs(net[1])):
         return "bouncing", None, 0.0
     if np.abs(net).max() < _MIN_DISPLACEMENT:
-        return "still", None, float(np.linalg.norm(net) / steps)
+        return "still", None, float(np.linalg.norm(travel))
     axis = int(np.argmax(np.abs(net)))
     direction = {(0, True): "right", (0, False): "left", (1, True): "down", (1, False): "up"}[(axis, net[axis] > 0)]
-    return "moving", direction, float(abs(net[axis]) / steps)
+    return "moving", direction, float(abs(travel[axis]))
 
 
 def _describe_track(track: dict[int, int], blobs: dict[str, np.ndarray], height: int, width: int) -> DetectedObject:
     frames = blobs["valid"].shape[0]
     seen = np.array(sorted(track))
     slots = np.array([track[t] for t in seen])
-    take = {key: blobs[key][seen, slots] for key in ("x", "y", "area", "color_index", "shape_index")}
-    # Frames where the object is partly hidden (smaller) or merged with another (larger) do not vote on its shape.
+    take = {key: blobs[key][seen, slots] for key in ("x", "y", "area", "color_index", "shape_index", "touching")}
+    # Its shape and size are read from the frames where it touches no other blob, else from those where its area is
+    # near its largest (partly hidden: smaller; merged with another: larger).
     full_area = np.percentile(take["area"], 90)
     whole = np.abs(take["area"] / full_area - 1) <= 0.15
+    whole = next(m for m in (~take["touching"], whole, np.ones_like(whole)) if m.any())
     quarter = max(1, math.ceil(frames / 4))
     first = take["color_index"][seen < quarter]
     last = take["color_index"][seen >= frames - quarter]
@@ -514,11 +546,11 @@ def _describe_track(track: dict[int, int], blobs: dict[str, np.ndarray], height:
     # Interpolate the frames where the object was hidden or merged, so the path has one point per frame.
     span = np.arange(seen[0], seen[-1] + 1)
     path_x, path_y = (np.interp(span, seen, take[c]) for c in ("x", "y"))
-    motion, direction, speed = _motion(path_x, path_y)
+    motion, direction, speed = _motion(path_x, path_y, frames)
     x = np.full(frames, np.nan)
     y = np.full(frames, np.nan)
     x[seen], y[seen] = take["x"], take["y"]
-    area_px = float(np.median(take["area"])) * height * width
+    area_px = float(np.median(take["area"][whole])) * height * width
     return DetectedObject(
         color=_COLOR_NAMES[int(_majority(first.tolist()))],
         final_color=_COLOR_NAMES[int(_majority(last.tolist()))],
@@ -563,7 +595,7 @@ def detect(videos: torch.Tensor, *, min_coverage: float = 0.25, batch_size: int 
         blobs = detect_blobs(videos[start : start + batch_size])
         arrays = {
             key: getattr(blobs, key).cpu().numpy()
-            for key in ("valid", "area", "x", "y", "color", "color_index", "shape_index")
+            for key in ("valid", "area", "x", "y", "color", "color_index", "shape_index", "touching")
         }
         for b in range(blobs.valid.shape[0]):
             video = {key: value[b] for key, value in arrays.items()}
