@@ -51,7 +51,7 @@ from .world import caption, render, sample_scene
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["ToyTrainingConfig", "main", "make_parser", "train_toy_pipeline"]
+__all__ = ["ToyTrainingConfig", "encode_videos", "main", "make_parser", "train_toy_pipeline"]
 
 
 @dataclass
