@@ -85,7 +85,7 @@ class ToyTrainingConfig:
     ode_batch_size: int = field(default=128, metadata={"help": "Videos per ODE batch."})
     guidance_scale: float = field(default=2.5, metadata={"help": "Classifier-free guidance of the teacher's ODE."})
     # Student
-    student_steps: int = field(default=1500, metadata={"help": "Optimizer steps of the few-step student."})
+    student_steps: int = field(default=800, metadata={"help": "Optimizer steps of the few-step student."})
     student_batch_size: int = field(default=16, metadata={"help": "Videos per student step (x 4 sampler steps)."})
     student_learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate of the student."})
     student_ode_states: float = field(
