@@ -12,8 +12,7 @@ from datasets import Dataset
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
 from trl_arcopo.evaluation import evaluate_pipeline
-from trl_arcopo.scripts.train import PRESETS
-from trl_arcopo.toy import load_toy_pipeline, sample_captions
+from trl_arcopo.toy import TOY_TRAINING_ARGS, load_toy_pipeline, sample_captions
 
 transformers.logging.set_verbosity_error()
 TRAIN_PROMPTS = Dataset.from_dict({"prompt": sample_captions(16, seed=0)})
@@ -22,9 +21,8 @@ STEPS = 12
 
 
 def _config(tmp_path, **overrides) -> ARCoPOConfig:
-    preset = {k: v for k, v in PRESETS["toy"].items() if k not in ("output_dir", "reward_funcs")}
-    fixed = {"max_steps": STEPS, "save_strategy": "no", "disable_tqdm": True, "seed": 0, "log_videos_steps": 0}
-    return ARCoPOConfig(output_dir=str(tmp_path), **{**preset, **fixed, **overrides})
+    fixed = {"max_steps": STEPS, "save_strategy": "no", "disable_tqdm": True, "seed": 0}
+    return ARCoPOConfig(output_dir=str(tmp_path), **{**TOY_TRAINING_ARGS, **fixed, **overrides})
 
 
 def _scores(pipe, reward: str, config: ARCoPOConfig) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from trl_arcopo.scripts.utils import (
     TINY_TRAINING_ARGS,
+    TOY_TRAINING_ARGS,
     GeneratorArguments,
     ScriptParser,
     check_reward_names,
@@ -53,24 +54,13 @@ TINY_PROMPTS = [
 # (docs/method.md §12: G=12, σ=0.5, B=4, ε=1e-4, μ=2, LoRA 64/128, lr 1e-5, 81x480x832) are the `ARCoPOConfig` defaults.
 PRESETS: dict[str, dict] = {
     # The trained toy-world generator (trl_arcopo.toy): the objects turn red where the prompt says another colour.
-    # 9 frames (3 chunks of its per-frame latents; the config's frame count follows Wan's 4x temporal VAE: 1 + 4k).
     "toy": {
+        **TOY_TRAINING_ARGS,
         "output_dir": "outputs/arcopo-toy",
-        "num_frames": 9,
-        "video_fps": 4,
-        "height": 32,
-        "width": 32,
-        "num_generations": 8,
-        "num_anchors": 4,
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "learning_rate": 1e-3,
-        "lr_scheduler_type": "constant",
         "max_steps": 40,
         "save_steps": 20,
         "log_videos_steps": 20,
         "reward_funcs": ["toy_color"],
-        "report_to": "none",
     },
     "tiny": {
         **TINY_TRAINING_ARGS,

@@ -40,6 +40,23 @@ GENERATOR_PRESETS = ("toy", "tiny", "self-forcing")
 WAN_GEOMETRY = (4, 3, 16)
 PRESET_GEOMETRY = {"toy": (1, 3, 8), "tiny": WAN_GEOMETRY, "self-forcing": WAN_GEOMETRY}
 
+# ARCoPOConfig values for the toy generator: its video size (9 frames = 3 chunks of its per-frame latents; the config's
+# frame count follows Wan's 4x temporal VAE, 1 + 4k), groups and LoRA for 2 CPU cores. The toy preset of the scripts
+# (also `trl_arcopo.toy.TOY_TRAINING_ARGS`).
+TOY_TRAINING_ARGS: dict[str, Any] = {
+    "num_frames": 9,
+    "height": 32,
+    "width": 32,
+    "num_generations": 8,
+    "num_anchors": 4,
+    "lora_r": 8,
+    "lora_alpha": 16,
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "constant",
+    "video_fps": 4,
+    "report_to": "none",
+}
+
 # ARCoPOConfig settings that make AR-CoPO learn on `tiny_causal_wan_pipeline` (2 chunks of 32x32 pixels): the tiny
 # preset of the examples and the base of the trainer tests.
 TINY_TRAINING_ARGS: dict[str, Any] = {

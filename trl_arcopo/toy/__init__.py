@@ -12,9 +12,14 @@ from typing import TYPE_CHECKING
 from .world import HELD_OUT_PAIRS, ToyObject, ToyScene, caption, layout, parse, render, sample_captions, sample_scene
 
 if TYPE_CHECKING:
+    from ..scripts.utils import TOY_TRAINING_ARGS
     from .pipeline import TOY_PIPELINE_DIR, load_toy_pipeline
 
-_LAZY_EXPORTS = {"TOY_PIPELINE_DIR": ".pipeline", "load_toy_pipeline": ".pipeline"}
+_LAZY_EXPORTS = {
+    "TOY_PIPELINE_DIR": ".pipeline",
+    "TOY_TRAINING_ARGS": "..scripts.utils",
+    "load_toy_pipeline": ".pipeline",
+}
 
 __all__ = sorted(
     [
