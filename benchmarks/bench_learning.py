@@ -283,6 +283,9 @@ def train_run(args: argparse.Namespace, reward: str, method: str, seed: int, bef
         "ratio_min": statistics.median(e["ratio/min"] for e in final),
         "ratio_max": statistics.median(e["ratio/max"] for e in final),
         "clip_fraction": sum(e["clip_ratio/region_mean"] for e in final) / len(final),
+        # Over every update that reused a rollout: the healthy-optimisation check (ratio/mean in [0.5, 2], clip <= 0.3).
+        "ratio_mean_extremes": [min(e["ratio/mean"] for e in later), max(e["ratio/mean"] for e in later)],
+        "clip_fraction_max": max(e["clip_ratio/region_mean"] for e in later),
         "reward_std": sum(e["reward_std"] for e in rollouts) / len(rollouts),
         "self_prob": sum(shapes) / len(shapes) if shapes else math.nan,  # the surrogate policy (not SDE-GRPO's)
         "curve": {"step": [e["step"] for e in rollouts], "reward": [e["reward"] for e in rollouts]},
@@ -360,6 +363,7 @@ RUN_HEADER = [
     "ratio/mean",
     "ratio range",
     "clip",
+    "worst update (ratio/mean, clip)",
     "reward_std",
     "π(self)",
 ]
@@ -378,6 +382,7 @@ def run_row(run: dict) -> list:
         run["ratio_mean"],
         f"{run['ratio_min']:.3g} … {run['ratio_max']:.3g}",
         run["clip_fraction"],
+        f"{run['ratio_mean_extremes'][0]:.3g} … {run['ratio_mean_extremes'][1]:.3g}, {run['clip_fraction_max']:.2f}",
         run["reward_std"],
         run["self_prob"],
     ]
