@@ -99,7 +99,7 @@ DIFFERENTIABLE_REWARDS: dict[str, Callable] = {
     "greenness": _channel_excess(1),
     "blueness": _channel_excess(2),
 }
-DEFAULT_REWARDS = ["toy_color", "toy_size", "toy_position"]
+DEFAULT_REWARDS = ["toy_size", "toy_color", "redness"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

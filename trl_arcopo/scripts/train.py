@@ -53,14 +53,14 @@ TINY_PROMPTS = [
 # Defaults of each preset (YAML keys and flags override them). The AR-CoPO hyper-parameters of the paper
 # (docs/method.md §12: G=12, σ=0.5, B=4, ε=1e-4, μ=2, LoRA 64/128, lr 1e-5, 81x480x832) are the `ARCoPOConfig` defaults.
 PRESETS: dict[str, dict] = {
-    # The trained toy-world generator (trl_arcopo.toy): the objects turn red where the prompt says another colour.
+    # The trained toy-world generator (trl_arcopo.toy), with a reward a person sees at once: the objects grow.
     "toy": {
         **TOY_TRAINING_ARGS,
         "output_dir": "outputs/arcopo-toy",
-        "max_steps": 40,
-        "save_steps": 20,
-        "log_videos_steps": 20,
-        "reward_funcs": ["toy_color"],
+        "max_steps": 60,
+        "save_steps": 30,
+        "log_videos_steps": 30,
+        "reward_funcs": ["toy_size"],
     },
     "tiny": {
         **TINY_TRAINING_ARGS,
