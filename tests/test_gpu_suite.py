@@ -11,7 +11,7 @@ import pytest
 SUITE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.sh"
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~70 s on 2 cores (a subprocess: imports, the VideoAlign fixture, a tiny training run)
 def test_gpu_suite_runs_at_tiny_size_and_writes_its_report(tmp_path):
     env = {
         **os.environ,
