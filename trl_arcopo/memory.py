@@ -2,8 +2,9 @@
 
 :func:`estimate_memory` adds up, for each phase of a training iteration, the tensors alive at its peak:
 
-- ``rollout``: the prefix generated once and the branches forked from it (KV cache: the prefix's chunks once, each
-  branch batch's own chunks per row, only the chunks a window/sink still reads), one no-grad forward's activations;
+- ``rollout``: the prefix generated once and the branches forked from it (the static KV cache: the prefix's level, one
+  row preallocated for the whole video or its window, and each branch batch's own level, one row per branch from the
+  pivot on; the prompt's text context once), one no-grad forward's activations, then the decoded videos concatenated;
 - ``decode``: the Wan VAE decoding the group's latents (``rollout_batch_size`` videos at a time, one with
   ``vae.enable_slicing()``) and the decoded videos;
 - ``reward``: the videos and each reward model's forward (VideoAlign: its processor, vision tower and decoder);
@@ -79,8 +80,8 @@ _BACKWARD_SF = {"half": 6, "float32": 8}
 _OUTSIDE_SD = 5.5
 
 # Wan VAE decoder (channel multipliers [1, 2, 4, 4], 2 residual blocks): per video, per base channel and output pixel,
-# the full-resolution stage holds ~53 activation/cache elements while a latent frame is decoded.
-_VAE_DECODE_ELEMENTS = 53
+# the full-resolution stage holds ~44 activation/cache elements while a latent frame is decoded.
+_VAE_DECODE_ELEMENTS = 44
 
 # VideoAlign (Qwen2-VL): no-grad decoder layer at its peak, per token: `[hidden]` and `[intermediate]` elements; vision
 # tower per patch and `embed_dim`.
@@ -103,22 +104,39 @@ UMT5_XXL_ENCODER = {
     "feed_forward_proj": "gated-gelu",
     "relative_attention_num_buckets": 32,
 }
-# Qwen/Qwen2-VL-2B-Instruct (the base of VideoAlign), vocabulary resized by VideoAlign to 151660 rows.
+# The `config.json` of Qwen/Qwen2-VL-2B-Instruct (the base of VideoAlign, whose checkpoint has 151660 embedding rows).
 QWEN2_VL_2B = {
-    "text_config": {
-        "vocab_size": 151660,
-        "hidden_size": 1536,
-        "intermediate_size": 8960,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 12,
-        "num_key_value_heads": 2,
-    },
+    "model_type": "qwen2_vl",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "hidden_act": "silu",
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 28,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "sliding_window": 32768,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "vocab_size": 151660,
     "vision_config": {
         "depth": 32,
         "embed_dim": 1280,
-        "hidden_size": 1536,
         "mlp_ratio": 4,
         "num_heads": 16,
+        "in_chans": 3,
+        "hidden_size": 1536,
+        "hidden_act": "quick_gelu",
         "patch_size": 14,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
@@ -370,12 +388,14 @@ class RewardSpec:
 
             from .rewards.videoalign_processing import build_user_text
 
-            config = Qwen2VLConfig(**QWEN2_VL_2B)
-            weights = _meta_bytes(lambda: Qwen2VLModel(config)) // 4 * _element_size(dtype)
+            config = Qwen2VLConfig.from_dict(QWEN2_VL_2B)
             return cls(
                 name,
-                weights,
-                videoalign=QWEN2_VL_2B,
+                _meta_bytes(lambda: Qwen2VLModel(config)) // 4 * _element_size(dtype),
+                videoalign={
+                    "text_config": config.text_config.to_dict(),
+                    "vision_config": config.vision_config.to_dict(),
+                },
                 dtype=dtype,
                 text_tokens=round(len(build_user_text("")) / _QWEN_CHARS_PER_TOKEN) + 64,
             )
@@ -580,11 +600,20 @@ class _Geometry:
         """Tokens a chunk's self-attention reads (its own included)."""
         return len(self._attended(chunk)) * self.frame_tokens
 
-    def held_chunks(self, chunk: int) -> list[int]:
-        """Earlier chunks whose keys/values are alive while ``chunk`` runs (those it still attends to)."""
-        frames = set(self._attended(chunk))
-        f = self.chunk_frames
-        return [j for j in range(chunk) if frames & set(range(j * f, (j + 1) * f))]
+    def level_bytes(self, rows: int, start_chunk: int) -> int:
+        """Bytes of a static KV cache level of ``rows`` videos written from chunk ``start_chunk`` on: its slots hold
+        the rest of the video (global attention) or the window (sink slots still ahead of it included)."""
+        g, start = self.generator, start_chunk * self.chunk_frames
+        frames = self.latent_frames - start
+        if g.local_attn_size != -1:
+            frames = min(frames, max(0, g.sink_size - start) + g.local_attn_size - g.sink_size)
+        return rows * frames * self.frame_tokens * self.kv_bytes_per_token
+
+    @property
+    def cross_bytes(self) -> int:
+        """The per-prompt text context of the no-grad passes: the projected prompt and every block's cross-attention
+        keys/values, one row (branches read it through a ``repeat``)."""
+        return (2 * self.layers + 1) * self.generator.text_tokens * self.dim * self.size
 
     def pivots(self) -> list[int]:
         return list(self.run.pivots) if self.run.pivots is not None else list(range(self.num_chunks))
@@ -683,42 +712,45 @@ def estimate_memory(
     kept_group = 4 * ((2 * steps_total - 1) * num_generations * chunk_el + num_generations * latent_el)
     kept = run.groups_per_update * kept_group
     pivots = geo.pivots()
-    context = max(len(geo.held_chunks(p)) for p in pivots) * s_tokens * geo.kv_bytes_per_token
+    # The prefix's KV cache level (one row, allocated for the whole video once a chunk is committed): kept with the
+    # group as the first update's context.
+    prefix_level = geo.level_bytes(1, 0) if max(pivots) > 0 else 0
+    context = prefix_level + geo.cross_bytes
 
-    # Rollout: noise, records, latents; KV cache; one no-grad call; the cross-attention keys/values.
+    # Rollout: noise, records, latents; the prefix's level and one branch batch's own level; one no-grad call.
     noise = latent_el + geo.num_chunks * (steps_total - 1) * chunk_el + num_generations * chunk_el
     if run.exploration == "sde":
         noise += (steps_total - 1) * num_generations * chunk_el
     rollout_buffers = 4 * (
         noise + 2 * (2 * steps_total - 1) * num_generations * chunk_el + (2 * num_generations + batch) * latent_el
     )
+    video = 3 * run.num_frames * run.height * run.width * _element_size(g.vae_dtype)
+    reward_videos = num_generations * video
     rollout_peak = {"KV cache": 0, "activations": 0}
     for pivot in pivots:
+        levels = (geo.level_bytes(1, 0) if pivot > 0 else 0) + geo.level_bytes(batch, pivot)
         for chunk in range(geo.num_chunks):
             width = batch if chunk >= pivot else 1
-            held = geo.held_chunks(chunk)
-            written = 1 if chunk < geo.num_chunks - 1 else 0
-            cached = sum(1 if j < pivot else width for j in held) + written * width
-            kv = cached * s_tokens * geo.kv_bytes_per_token
-            cross = 2 * geo.layers * g.text_tokens * geo.dim * geo.size * (1 if pivot > 0 else batch)
             activations = width * (
                 geo.nograd_forward(geo.attended_tokens(chunk)) + g.text_tokens * geo.text_dim * geo.size
             )
-            if kv + cross + activations > sum(rollout_peak.values()):
-                rollout_peak = {"KV cache": int(kv + cross), "activations": int(activations)}
+            if levels + geo.cross_bytes + activations > sum(rollout_peak.values()):
+                rollout_peak = {"KV cache": int(levels + geo.cross_bytes), "activations": int(activations)}
+    if g.vae is not None:  # the decoded batches concatenated into the group's videos
+        concatenated = {"KV cache": context, "videos": 2 * reward_videos}
+        if sum(concatenated.values()) > sum(rollout_peak.values()):
+            rollout_peak = concatenated
     rollout = {**resident, **gathered, "rollout buffers": rollout_buffers, **rollout_peak}
 
     # Decode: `rollout_batch_size` videos at a time (one with VAE slicing), collected into the group's videos.
-    video = 3 * run.num_frames * run.height * run.width * _element_size(g.vae_dtype)
     decode = {**resident, "rollout buffers": kept, "KV cache": context}
-    reward_videos = num_generations * video
     if g.vae is not None:
         decoding = 1 if g.vae_slicing else batch
         vae_act = (
             decoding * _VAE_DECODE_ELEMENTS * g.vae["base_dim"] * run.height * run.width * _element_size(g.vae_dtype)
         )
         decode["VAE decode"] = int(vae_act + 2 * batch * video)
-        decode["videos"] = max((num_generations - batch) * video, 2 * reward_videos - 2 * batch * video)
+        decode["videos"] = (num_generations - batch) * video  # the batches decoded before
     # Reward: the group's videos and each reward's forward (rewards run one after the other).
     reward_act = max(
         [r.activation_bytes(num_generations, run.num_frames, run.height, run.width) for r in rewards] or [0]
@@ -726,13 +758,14 @@ def estimate_memory(
     reward = {**resident, "rollout buffers": kept, "KV cache": context, "videos": reward_videos}
     reward["reward forward"] = reward_act
     if run.overlap_rewards and run.groups_per_update > 1:  # group i is scored while group i + 1 is rolled out
-        rollout.update({"videos": reward_videos, "reward forward": reward_act})
+        rollout.update({"videos": rollout.get("videos", 0) + reward_videos, "reward forward": reward_act})
         rollout["rollout buffers"] += kept
-    # Update: the context (one row), the rows' prompt, the activations kept for backward, gradients, AdamW's step.
+    # Update: the context (the rollout's prefix level for the first update, a rebuilt one of the pivot's frames for
+    # the next), the rows' prompt, the activations kept for backward, gradients, AdamW's step.
     update_peak = None
     for pivot in pivots:
         attended = geo.attended_tokens(pivot)
-        ctx = len(geo.held_chunks(pivot)) * s_tokens * geo.kv_bytes_per_token
+        ctx = geo.level_bytes(1, 0) + geo.cross_bytes if pivot > 0 else 0
         prompt = rows * g.text_tokens * geo.text_dim * geo.size + rows * pivot * chunk_el * 4
         saved = rows * geo.saved_per_block(attended, run.lora_r)
         backward = rows * geo.backward_per_block(attended)

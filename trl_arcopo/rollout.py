@@ -232,6 +232,7 @@ def generate_group(
             done = pipeline.denoise_chunk(state, initial, step_noise=noise.draws[c].expand(-1, n, -1, -1, -1, -1))
             pipeline.commit_chunk(state, done.latents, update_cache=c < num_chunks - 1)
         latents.append(state.latents)
+    del state  # the last batch's KV cache level (rows x frames, the largest tensors of a rollout) before decoding
 
     latents = torch.cat(latents)
     videos = None

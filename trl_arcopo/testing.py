@@ -5,10 +5,15 @@ Nothing here downloads anything. Library code must not import this module.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import shutil
 import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -353,3 +358,105 @@ def cache_tiny_clip_rewards(cache_dir: str | os.PathLike) -> None:
         populate_hub_cache("openai/clip-vit-large-patch14", clip, cache_dir=cache_dir)
         head = save_tiny_aesthetic_head(staging / "aesthetic").parent
         populate_hub_cache("trl-lib/ddpo-aesthetic-predictor", head, cache_dir=cache_dir)
+
+
+class TrainingPhases:
+    """Seconds and peak memory of each phase of an :class:`~trl_arcopo.ARCoPOTrainer` run (see
+    :func:`record_training_phases`).
+
+    Attributes:
+        seconds: ``{phase: seconds}`` spent inside each phase, nested phases excluded.
+        peak_bytes: ``{phase: bytes}``, the most memory allocated inside each phase: on CUDA the allocator's
+            (``torch.cuda.max_memory_allocated``, everything on the GPU included), elsewhere the tensor storages
+            allocated since recording started (:class:`~trl_arcopo.memory.TensorMemoryTracker`).
+    """
+
+    def __init__(self, track_memory: bool = True, cuda: bool = False) -> None:
+        from .memory import TensorMemoryTracker
+
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.peak_bytes: dict[str, int] = {}
+        self.cuda = track_memory and cuda
+        self.tracker = TensorMemoryTracker() if track_memory and not cuda else None
+        self._stack: list[list] = []  # [name, start, time spent in nested phases]
+
+    def _flush_cuda_peak(self) -> None:
+        """Attribute the CUDA peak since the last phase boundary to the innermost phase, then start a new one."""
+        if self.cuda and self._stack:
+            name = self._stack[-1][0]
+            self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), torch.cuda.max_memory_allocated())
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._flush_cuda_peak()
+        frame = [name, time.perf_counter(), 0.0]
+        self._stack.append(frame)
+        memory = self.tracker.phase(name) if self.tracker is not None else contextlib.nullcontext()
+        try:
+            with memory:
+                yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self._flush_cuda_peak()
+            self._stack.pop()
+            elapsed = time.perf_counter() - frame[1]
+            self.seconds[name] += elapsed - frame[2]
+            if self._stack:
+                self._stack[-1][2] += elapsed
+            if self.tracker is not None:
+                self.peak_bytes = dict(self.tracker.phases)
+
+
+@contextlib.contextmanager
+def record_training_phases(trainer, *, track_memory: bool = True) -> Iterator[TrainingPhases]:
+    """Record the phases of ``trainer``'s work inside the block: ``rollout``, ``decode``, ``reward``, ``update``
+    (loss, backward, optimizer step), ``save`` (checkpoints) and ``resume`` (loading one).
+
+    For benchmarks and memory tests: the trainer's methods are wrapped on the instance for the block. Off CUDA, tensor
+    memory is tracked in the calling thread only: set ``overlap_rewards=False`` to see the rewards.
+    """
+    from transformers import TrainerCallback
+
+    recorder = TrainingPhases(track_memory, cuda=trainer.accelerator.device.type == "cuda")
+    wrapped = {
+        (trainer, "_rollout_group"): "rollout",
+        (trainer.pipeline, "decode"): "decode",
+        (trainer, "_score"): "reward",
+        (trainer, "compute_loss"): "update",
+        (trainer.accelerator, "backward"): "update",
+        (trainer, "_save_checkpoint"): "save",
+        (trainer, "_load_from_checkpoint"): "resume",
+        (trainer, "_load_optimizer_and_scheduler"): "resume",
+    }
+
+    def wrap(function, name):
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            with recorder.phase(name):
+                return function(*args, **kwargs)
+
+        return run
+
+    class OptimizerStep(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.step = recorder.phase("update")
+            self.step.__enter__()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            self.step.__exit__(None, None, None)
+
+    callback = OptimizerStep()
+    for (owner, attribute), name in wrapped.items():
+        setattr(owner, attribute, wrap(getattr(owner, attribute), name))
+    trainer.add_callback(callback)
+    memory = recorder.tracker if recorder.tracker is not None else contextlib.nullcontext()
+    try:
+        with memory:
+            yield recorder
+    finally:
+        trainer.remove_callback(callback)
+        for owner, attribute in wrapped:
+            del owner.__dict__[attribute]  # the class's method again

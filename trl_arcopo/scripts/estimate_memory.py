@@ -21,6 +21,8 @@ import yaml
 from trl_arcopo.memory import GeneratorSpec, GiB, RewardSpec, estimate_memory, largest_fitting
 from trl_arcopo.scripts.utils import fail
 
+MAX_GENERATIONS = 64  # the largest num_generations tried
+
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -101,10 +103,23 @@ def main(argv: list[str] | None = None) -> None:
         memory = int(own.gpu_memory * GiB)
         verdict = "fits in" if estimate.peak <= memory else "does NOT fit in"
         print(f"\nThis run {verdict} {own.gpu_memory:g} GiB. Largest settings that fit, chosen in turn:")
-        for name, value in largest_fitting(
-            config, generator, rewards, memory_bytes=memory, num_processes=processes, strategy=strategy
-        ).items():
-            print(f"  {name}: {value if value is not None else 'none (even 1 does not fit)'}")
+        fitting = largest_fitting(
+            config,
+            generator,
+            rewards,
+            memory_bytes=memory,
+            num_processes=processes,
+            strategy=strategy,
+            max_generations=MAX_GENERATIONS,
+        )
+        most = {"rollout_batch_size": config.num_generations, "num_anchors": config.num_generations}
+        most["num_generations"] = MAX_GENERATIONS
+        for name, value in fitting.items():
+            if value is None:
+                shown = "none (even 1 does not fit)"
+            else:
+                shown = f"{value} (the most tried)" if value == most[name] else str(value)
+            print(f"  {name}: {shown}")
 
 
 if __name__ == "__main__":
