@@ -349,7 +349,7 @@ def load_prompt_dataset(
     return dataset if column == "prompt" else dataset.rename_column(column, "prompt")
 
 
-def requested_preset(argv: Sequence[str], default: str = "tiny") -> str:
+def requested_preset(argv: Sequence[str], default: str = "toy") -> str:
     """The preset named by `--preset` in `argv`, else by the `preset` key of its `--config` YAML, else `default`."""
     early = ArgumentParser(add_help=False)
     early.add_argument("--preset")
