@@ -1,5 +1,6 @@
-"""ARCoPOTrainer on the tiny preset: learning, the SDE baseline, saving, Hub upload, exact resume, failure handling,
-semi-on-policy training on a replay buffer."""
+"""ARCoPOTrainer on the tiny preset: the SDE baseline, saving, Hub upload, exact resume, failure handling,
+semi-on-policy training on a replay buffer. That it learns is tested on the trained toy generator
+(test_toy_learning.py): the tiny random generator has nothing a reward could prefer."""
 
 import json
 import math
@@ -46,35 +47,6 @@ def _lora(trainer) -> dict[str, torch.Tensor]:
 def redness(prompts, videos, **kwargs):
     """A user reward of the documented signature: red minus the other channels."""
     return (videos[:, :, 0] - videos[:, :, 1:].mean(2)).mean(dim=(1, 2, 3)).tolist()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("reward", ["brightness", redness])
-def test_arcopo_raises_the_reward_and_lr0_does_not(tmp_path, reward):
-    iterations = 30
-    trained = ARCoPOTrainer(
-        tiny_causal_wan_pipeline(),
-        reward,
-        args=_config(tmp_path / "a", max_steps=2 * iterations),
-        train_dataset=PROMPTS,
-    )
-    trained.train()
-    frozen = ARCoPOTrainer(
-        tiny_causal_wan_pipeline(),
-        reward,
-        args=_config(tmp_path / "b", max_steps=2 * iterations, learning_rate=0.0),
-        train_dataset=PROMPTS,
-    )
-    frozen.train()
-    rewards, baseline = _rewards(trained), _rewards(frozen)
-    assert len(rewards) == iterations  # one rollout per iteration, reused for num_iterations=2 updates
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    frozen_first, frozen_last = sum(baseline[:5]) / 5, sum(baseline[-5:]) / 5
-    # Noise of the frozen run between its first and last iterations is ~0.003 on this preset.
-    margin = 0.006
-    assert last - first > margin, rewards
-    assert abs(frozen_last - frozen_first) < margin, baseline
-    assert last - frozen_last > margin
 
 
 def test_first_update_has_ratio_one_and_metrics(tmp_path):
