@@ -40,7 +40,7 @@ def load_toy_pipeline(
             f"The toy pipeline's weights are missing from {TOY_PIPELINE_DIR}: reinstall trl_arcopo, or retrain them "
             "with `trl-arcopo toy-train` and copy its `pipeline` folder there."
         )
-    pipe = CausalWanPipeline.from_pretrained(TOY_PIPELINE_DIR, dtype=dtype or torch.float32, **pipeline_config)
+    pipe = CausalWanPipeline.from_pretrained(str(TOY_PIPELINE_DIR), dtype=dtype or torch.float32, **pipeline_config)
     # Model cards name the package's loader rather than the install path of the folder.
     pipe.source = PipelineSource(
         "the toy-world generator shipped with trl_arcopo (`trl_arcopo.toy.load_toy_pipeline()`)",
