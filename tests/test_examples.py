@@ -20,6 +20,7 @@ from trl_arcopo.scripts.utils import check_video_size
 from trl_arcopo.testing import populate_hub_cache, tiny_causal_wan_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = ["--preset", "tiny"]  # the LoRAs of these tests are trained on the tiny generator
 SIZE = ["--num_frames", "9", "--height", "32", "--width", "32"]
 
 
@@ -57,19 +58,19 @@ def test_parse_lora_reads_an_optional_scale():
 
 
 def test_loras_are_applied_at_their_scales(lora_dir):
-    base = _frames(generate.load_pipeline(generate.make_parser().parse_args(["--device", "cpu"])))
+    base = _frames(generate.load_pipeline(generate.make_parser().parse_args([*TINY, "--device", "cpu"])))
     manual = tiny_causal_wan_pipeline()
     manual.load_lora_weights(lora_dir)
     with_lora = _frames(manual)
     assert (with_lora - base).abs().max() > 1e-3  # the LoRA changes the video
 
-    args = generate.make_parser().parse_args(["--device", "cpu", "--lora", str(lora_dir)])
+    args = generate.make_parser().parse_args([*TINY, "--device", "cpu", "--lora", str(lora_dir)])
     torch.testing.assert_close(_frames(generate.load_pipeline(args)), with_lora, rtol=0, atol=1e-6)
-    args = generate.make_parser().parse_args(["--device", "cpu", "--lora", f"{lora_dir}=0"])
+    args = generate.make_parser().parse_args([*TINY, "--device", "cpu", "--lora", f"{lora_dir}=0"])
     torch.testing.assert_close(_frames(generate.load_pipeline(args)), base, rtol=0, atol=1e-6)
     # Two LoRAs at 0.5 each add up to the LoRA at 1 (W0 + 0.5·ΔW + 0.5·ΔW).
     args = generate.make_parser().parse_args(
-        ["--device", "cpu", "--lora", f"{lora_dir}=0.5", "--lora", f"{lora_dir}=0.5"]
+        [*TINY, "--device", "cpu", "--lora", f"{lora_dir}=0.5", "--lora", f"{lora_dir}=0.5"]
     )
     torch.testing.assert_close(_frames(generate.load_pipeline(args)), with_lora, rtol=0, atol=1e-5)
 
@@ -86,7 +87,9 @@ def test_a_hub_model_loads_at_its_revision_from_the_cache(tmp_path, hf_cache, mo
     )
 
     with pytest.raises(SystemExit) as exit_info:  # "main" is not in the cache
-        generate.load_pipeline(generate.make_parser().parse_args(["--device", "cpu", "--model", "me/tiny-causal-wan"]))
+        generate.load_pipeline(
+            generate.make_parser().parse_args([*TINY, "--device", "cpu", "--model", "me/tiny-causal-wan"])
+        )
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and lines[-1].startswith("error: cannot load --model me/tiny-causal-wan: ")
 
@@ -95,7 +98,7 @@ def test_generate_writes_one_video_per_prompt_and_seed(tmp_path, lora_dir, capsy
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n\na dog\n")
     argv = [*SIZE, "--prompt_file", str(prompts), "--num_videos_per_prompt", "2", "--lora", f"{lora_dir}=0.5"]
-    paths = generate.main([*argv, "--seed", "3", "--output_dir", str(tmp_path / "videos")])
+    paths = generate.main([*TINY, *argv, "--seed", "3", "--output_dir", str(tmp_path / "videos")])
     assert [p.stem for p in paths] == ["video_000", "video_001", "video_002", "video_003"]
     assert all(p.parent == tmp_path / "videos" and p.stat().st_size > 0 for p in paths)
     lora_line, *out = capsys.readouterr().out.splitlines()
@@ -114,16 +117,16 @@ def test_the_size_defaults_to_the_one_the_lora_was_trained_at(tmp_path, lora_dir
     shutil.copytree(lora_dir, trained)
     (trained / "training_args.json").write_text(json.dumps({"num_frames": 9, "height": 32, "width": 48}))
     assert generate.trained_size(str(trained)) == (9, 32, 48) and generate.trained_size(str(lora_dir)) is None
-    (path,) = generate.main(["--lora", str(trained), "--output_dir", str(tmp_path / "videos")])
+    (path,) = generate.main([*TINY, "--lora", str(trained), "--output_dir", str(tmp_path / "videos")])
     out = capsys.readouterr().out
     assert f"default size 9 frames of 48x32: the one {trained} was trained at" in out
     assert f"{path}: 9 frames of 48x32, seed 0" in out
-    generate.main(["--lora", str(trained), "--num_frames", "21", "--output_dir", str(tmp_path / "videos")])
+    generate.main([*TINY, "--lora", str(trained), "--num_frames", "21", "--output_dir", str(tmp_path / "videos")])
     assert "21 frames of 48x32" in capsys.readouterr().out  # flags win
 
 
 def test_the_example_script_runs_the_demo(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["generate.py", *SIZE, "--output_dir", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["generate.py", *TINY, *SIZE, "--output_dir", str(tmp_path)])
     runpy.run_path(str(EXAMPLES / "generate.py"), run_name="__main__")
     (video,) = tmp_path.iterdir()
     assert video.stem == "video_000" and "a red car driving on a road at night" in capsys.readouterr().out
@@ -143,7 +146,7 @@ def test_the_example_script_runs_the_demo(tmp_path, monkeypatch, capsys):
 )
 def test_bad_input_is_one_line(capsys, tmp_path, argv, message):
     with pytest.raises(SystemExit) as exit_info:
-        generate.main([*argv, "--output_dir", str(tmp_path)])
+        generate.main([*TINY, *argv, "--output_dir", str(tmp_path)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and message in lines[0], lines
 

@@ -223,7 +223,7 @@ def test_sweep_script_on_the_tiny_preset(saved_adapters, tmp_path, capsys):
         (["--max_prompts", "0"], "--max_prompts must be >= 1, got 0"),
         (["--dataset_name", "{tmp}", "--prompt_column", "caption"], "has no column 'caption' .*; set --prompt_column"),
         (["--scales", "0.5", "-1"], r"`scales` must be finite numbers >= 0, got -1"),
-        (["--num_frames", "10"], "`num_frames`=10 does not split into whole chunks"),
+        (["--num_frames", "10"], "--num_frames 10 does not split into whole chunks"),
         (["--scales"], "argument --scales: expected at least one argument"),
     ],
 )
