@@ -289,10 +289,10 @@ def test_merge_script_exports_and_fuses_on_the_tiny_preset(adapter_dirs, tmp_pat
 
 
 def test_merge_script_pushes_the_output_folder(adapter_dirs, tmp_path, monkeypatch, capsys):
-    import trl_arcopo.scripts.merge as script
+    import trl_arcopo.adapters  # the script imports it once its arguments are checked
 
     pushed = []
-    monkeypatch.setattr(script, "push_folder_to_hub", lambda *a, **k: pushed.append((a, k)) or "https://hf.co/commit")
+    monkeypatch.setattr(trl_arcopo.adapters, "push_folder_to_hub", lambda *a, **k: pushed.append((a, k)) or "https://hf.co/commit")
     out = merge_script(
         "--preset", "tiny", f"--adapter=semi={adapter_dirs['semi']}", "--output_dir", tmp_path / "lora",
         "--push_to_hub", "me/merged", "--private",

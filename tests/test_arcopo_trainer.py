@@ -103,7 +103,9 @@ def test_beta_adds_exact_kl_to_reference(tmp_path):
     )
     trainer.train()
     kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
-    assert kls[0] == 0  # the fresh LoRA (B = 0) is the reference
+    # The fresh LoRA (B = 0) is the reference; the first update reads the rollout's context and the reference a
+    # rebuilt one (adapters off): the same values up to float rounding.
+    assert kls[0] == pytest.approx(0, abs=1e-6)
     assert kls[1] > 0
 
 
