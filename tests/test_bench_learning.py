@@ -30,7 +30,7 @@ def test_direct_gradient_rebuilds_the_rollout_and_matches_finite_differences(ben
     with torch.no_grad():  # a LoRA away from its B = 0 start, so that every parameter has a gradient
         for parameter in parameters:
             parameter.add_(0.1 * torch.randn(parameter.shape, generator=gen))
-    [item] = trainer._generate_and_score([{"prompt": bench.TRAIN_PROMPTS[0]}], mode="train")
+    [item] = trainer._generate_and_score([{"prompt": "a red circle moving left"}], mode="train")
     group, score = item["group"], bench.DIFFERENTIABLE_REWARDS["redness"]
     # The rebuilt videos are the rollout's: their mean reward is the one the trainer recorded.
     with torch.no_grad():

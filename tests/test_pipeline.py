@@ -411,7 +411,9 @@ def test_num_videos_per_prompt_batches_each_prompt_like_wan():
     videos = pipe(["a red car", "a cat"], num_videos_per_prompt=2, **kwargs).frames
     embeds = pipe.encode_prompt(["a red car", "a red car", "a cat", "a cat"])  # the videos of a prompt are adjacent
     expected = pipe(prompt_embeds=embeds, **{**kwargs, "generator": torch.Generator().manual_seed(1)}).frames
-    assert videos.shape == (4, 16, 3, 4, 4) and torch.equal(videos, expected)
+    # Equal up to float rounding: the text context of 2 prompts repeated vs 4 rows computed at once.
+    assert videos.shape == (4, 16, 3, 4, 4)
+    torch.testing.assert_close(videos, expected, atol=1e-5, rtol=0)
     shape = pipe("a cat", num_frames=9, height=32, width=32, num_videos_per_prompt=3, output_type="pt").frames.shape
     assert shape == (3, 9, 3, 32, 32)
 
