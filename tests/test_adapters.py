@@ -292,7 +292,9 @@ def test_merge_script_pushes_the_output_folder(adapter_dirs, tmp_path, monkeypat
     import trl_arcopo.adapters  # the script imports it once its arguments are checked
 
     pushed = []
-    monkeypatch.setattr(trl_arcopo.adapters, "push_folder_to_hub", lambda *a, **k: pushed.append((a, k)) or "https://hf.co/commit")
+    monkeypatch.setattr(
+        trl_arcopo.adapters, "push_folder_to_hub", lambda *a, **k: pushed.append((a, k)) or "https://hf.co/commit"
+    )
     out = merge_script(
         "--preset", "tiny", f"--adapter=semi={adapter_dirs['semi']}", "--output_dir", tmp_path / "lora",
         "--push_to_hub", "me/merged", "--private",
