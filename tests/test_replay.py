@@ -433,7 +433,7 @@ def test_collection_checks_its_arguments(pipe):
         ({"num_generations": 1}, "`num_generations` must be >= 2"),
         ({"noise_sigma": 0.0}, r"`noise_sigma` must be in \(0, 1\]"),
         ({"noise_sigma": 5.0}, r"`noise_sigma` must be in \(0, 1\]"),
-        ({"height": 40}, "multiples of 16"),
+        ({"height": 40}, "must be a positive multiple of 16"),
         ({"num_frames": 10}, "does not split into whole chunks"),
     ]:
         with pytest.raises(ValueError, match=message):
