@@ -513,12 +513,11 @@ def test_bench_toy_world_runs_on_an_untrained_pipeline(bench, tmp_path, monkeypa
         "--diversity_noises",
         "2",
     ]
-    results = bench.main([*args, "--json", str(tmp_path / "out.json"), "--write-figures"])
+    results = bench.main([*args, "--json", str(tmp_path / "out.json")])
     assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(results))
     # The renderer is the ceiling: the detector confirms most of what its prompts state; its videos differ by seed.
-    for split in ("in_distribution", "held_out"):
-        cells = results["renderer"]["adherence"][split].values()
-        assert all(cell["rate"] >= 0.75 for cell in cells if cell["n"]), results["renderer"]["adherence"]
+    cells = results["renderer"]["adherence"]["in_distribution"].values()  # 6 prompts (2 held out: too few to bound)
+    assert all(cell["rate"] >= 0.75 for cell in cells if cell["n"]), results["renderer"]["adherence"]
     assert results["renderer"]["adherence"]["held_out"]["color"]["n"] == 2
     assert results["renderer"]["diversity"]["pixel_distance"] > 0.01
     assert results["generator"]["diversity"]["pixel_distance"] > 0
