@@ -513,7 +513,7 @@ def test_bench_toy_world_runs_on_an_untrained_pipeline(bench, tmp_path, monkeypa
         "--diversity_noises",
         "2",
     ]
-    results = bench.main([*args, "--json", str(tmp_path / "out.json")])
+    results = bench.main([*args, "--json", str(tmp_path / "out.json"), "--write-figures"])
     assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(results))
     # The renderer is the ceiling: the detector confirms most of what its prompts state; its videos differ by seed.
     cells = results["renderer"]["adherence"]["in_distribution"].values()  # 6 prompts (2 held out: too few to bound)

@@ -191,7 +191,7 @@ def _exit_line(capsys, argv: list[str]) -> str:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--preset", "huge"], "unknown --preset 'huge'; choose one of ['self-forcing', 'tiny']"),
+        (["--preset", "huge"], "unknown --preset 'huge'; choose one of ['self-forcing', 'tiny', 'toy']"),
         (["--prompt_file", "/nonexistent/prompts.txt"], "--prompt_file /nonexistent/prompts.txt is not a readable"),
         (["--preset", "tiny", "--max_stepz", "3"], "unrecognized arguments: --max_stepz 3"),
         (["--num_frames", "22"], "`num_frames` (22) must satisfy"),
