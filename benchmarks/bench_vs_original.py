@@ -489,9 +489,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--original", help="path to a checkout of https://github.com/guandeh17/Self-Forcing")
     parser.add_argument("--size", default="medium", choices=sorted(SIZES))
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--batch-sizes", nargs="*", type=int, default=[1, 4], help="none: skip")
     parser.add_argument("--pivots", nargs="*", type=int, default=[0, 3, 6], help="G = 12 groups (none: skip)")
     parser.add_argument("--memory-batches", nargs="*", type=int, default=[1, 4, 12])
+    parser.add_argument("--memory-pivots", nargs="*", type=int, help="groups measured for memory (default: --pivots)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=2)
@@ -509,6 +510,7 @@ def main() -> None:
 
     impls, shape = build(args)
     names = [n for n in ("original", "baseline", "ours", "ours+compile") if hasattr(impls, n)]
+    group_names = [n for n in names if n.startswith("ours")]
     reference = names[0]
     print(
         f"# {time.strftime('%Y-%m-%d')} torch {torch.__version__}, {platform.machine()}, device={args.device}, "
@@ -534,25 +536,6 @@ def main() -> None:
         times = interleaved(runs, args.repeats, args.device)
         print(f"batch {batch}:\n  {ratio_line(times, reference, divisor=batch)}", flush=True)
 
-    group_names = [n for n in names if n.startswith("ours")]
-    mean_ratio = {n: [] for n in group_names}
-    for pivot in args.pivots:
-        embeds, noise, step_noise = inputs(shape, 12, args)
-        runs = {reference: video_runner(impls, reference, embeds, noise, step_noise)}
-        runs.update({n: group_runner(impls, n, shape, pivot, args) for n in group_names})
-        times = interleaved(runs, args.repeats, args.device)
-        for n in group_names:
-            mean_ratio[n].append(statistics.median(times[n]) / statistics.median(times[reference]))
-        line = ", ".join(f"{n} {statistics.median(times[n]):.2f} s = {mean_ratio[n][-1]:.3f} x" for n in group_names)
-        print(
-            f"G = 12 group, pivot {pivot}: 12 {reference} videos {statistics.median(times[reference]):.2f} s; {line}"
-        )
-    if args.pivots:
-        print(
-            "G = 12 group / 12 videos, mean over pivots: "
-            + ", ".join(f"{n} {statistics.mean(r):.3f}" for n, r in mean_ratio.items())
-        )
-
     embeds, noise, step_noise = inputs(shape, 1, args)
     counts = {}
     for name in names:
@@ -565,7 +548,8 @@ def main() -> None:
     )
 
     print("peak memory above the built model, separate processes (resident over a cold run / live tensors):")
-    for what in [str(b) for b in args.memory_batches] + [f"group{p}" for p in args.pivots]:
+    memory_pivots = args.pivots if args.memory_pivots is None else args.memory_pivots
+    for what in [str(b) for b in args.memory_batches] + [f"group{p}" for p in memory_pivots]:
         if what.startswith("group"):
             label = f"G = 12 group, pivot {what[5:]} (vs 12 videos)"
             peaks = {reference: peak_memory(args, reference, "12")}
@@ -576,6 +560,25 @@ def main() -> None:
             f"  {label}: "
             + ", ".join(f"{n} {m['rss_mib']:.0f} / {m['tensor_mib']:.0f} MiB" for n, m in peaks.items()),
             flush=True,
+        )
+
+    mean_ratio = {n: [] for n in group_names}
+    for pivot in args.pivots:
+        embeds, noise, step_noise = inputs(shape, 12, args)
+        runs = {reference: video_runner(impls, reference, embeds, noise, step_noise)}
+        runs.update({n: group_runner(impls, n, shape, pivot, args) for n in group_names})
+        times = interleaved(runs, args.repeats, args.device)
+        for n in group_names:
+            mean_ratio[n].append(statistics.median(times[n]) / statistics.median(times[reference]))
+        line = ", ".join(f"{n} {statistics.median(times[n]):.2f} s = {mean_ratio[n][-1]:.3f} x" for n in group_names)
+        print(
+            f"G = 12 group, pivot {pivot}: 12 {reference} videos {statistics.median(times[reference]):.2f} s; {line}",
+            flush=True,
+        )
+    if args.pivots:
+        print(
+            "G = 12 group / 12 videos, mean over pivots: "
+            + ", ".join(f"{n} {statistics.mean(r):.3f}" for n, r in mean_ratio.items())
         )
 
 

@@ -524,9 +524,15 @@ def _output(attn: nn.Module, out: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(dtype)))
 
 
-# The processors below compute the projections, norms and RoPE in traced code and call an eager `attend` (excluded
-# from torch.compile) for the attention over the cache and the output projection. Nothing but `attend`'s result
-# crosses the graph break, so the graphs around it see the same inputs whatever the cache holds.
+def _fresh(out: torch.Tensor) -> torch.Tensor:
+    """``out`` as a tensor that is not a view, whatever the attention path: the graph after an eager call then sees
+    the same kind of input every time (a view would be guarded on its base)."""
+    return out if out._base is None else out.clone(memory_format=torch.contiguous_format)
+
+
+# The processors below run the projections, norms, RoPE and output projection in traced code and call an eager
+# `attend` (excluded from torch.compile) for the attention over the cache; its result is the only tensor that crosses
+# the graph break, so the graphs around it see the same inputs whatever the cache holds.
 
 
 class _RuntimeProcessor:
@@ -557,12 +563,12 @@ class CausalWanSelfAttnProcessor(_RuntimeProcessor):
         value = value.unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
             query, key = _apply_rotary(query, *rotary_emb), _apply_rotary(key, *rotary_emb)
-        return self.attend(attn, query, key, value, attention_mask)
+        return _output(attn, self.attend(query, key, value, attention_mask), query.dtype)
 
     @torch.compiler.disable
-    def attend(self, attn, query, key, value, attention_mask=None) -> torch.Tensor:
-        """Output ``[B, S, dim]`` of the attention of the input's tokens over the plan's cache and themselves."""
-        return _output(attn, self._attention(query, key, value, attention_mask), query.dtype)
+    def attend(self, query, key, value, attention_mask=None) -> torch.Tensor:
+        """Attention ``[B, S, H, D]`` of the input's tokens over the plan's cache and themselves."""
+        return _fresh(self._attention(query, key, value, attention_mask))
 
     def _attention(self, query, key, value, attention_mask) -> torch.Tensor:
         plan = self.runtime.plan
@@ -572,22 +578,20 @@ class CausalWanSelfAttnProcessor(_RuntimeProcessor):
             return _attention(query, key, value, plan.attention_mask)
         if plan.write is not None:
             level, index = plan.write
-            level.write(self.layer, index, key.detach(), value.detach())
-            parts = [(r.level.keys[self.layer], r.level.values[self.layer], r) for r in plan.reads]
-            parts = [(_take(k, r.index), _take(v, r.index), r.repeat) for k, v, r in parts]
-        else:
+            level.write(self.layer, index, key, value)
+        parts = [
+            (_take(r.level.keys[self.layer], r.index), _take(r.level.values[self.layer], r.index), r.repeat)
+            for r in plan.reads
+        ]
+        if plan.write is None:
             # Differentiable pass: the input's keys/values stay out of the cache and keep their graph.
-            parts = [
-                (_take(r.level.keys[self.layer], r.index), _take(r.level.values[self.layer], r.index), r.repeat)
-                for r in plan.reads
-            ]
             keys = [_expand_rows(k, n) for k, _, n in parts] + [key]
             values = [_expand_rows(v, n) for _, v, n in parts] + [value]
             return _attention(query, torch.cat(keys, dim=1), torch.cat(values, dim=1))
         if len(parts) == 1 and parts[0][2] == 1:
             return _attention(query, parts[0][0], parts[0][1])
         outputs = []
-        for k, v, repeat in parts:
+        for k, v, repeat in parts:  # the rows that share a level's keys attend to them as one longer query
             out, lse = attention_with_lse(_fold(query, repeat), k, v)
             outputs.append((_unfold(out, repeat), _unfold(lse, repeat)))
         return _merge_attention(outputs)
@@ -607,22 +611,20 @@ class CausalWanCrossAttnProcessor(_RuntimeProcessor):
         if attn.add_k_proj is not None:
             raise NotImplementedError("Image-conditioned (I2V) Wan transformers are not supported by the causal port.")
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        return self.attend(attn, query, encoder_hidden_states, attention_mask)
+        return _output(attn, self.attend(attn, query, encoder_hidden_states, attention_mask), query.dtype)
 
     @torch.compiler.disable
     def attend(self, attn, query, context, attention_mask=None) -> torch.Tensor:
-        """Output ``[B, S, dim]`` of the attention of the input's tokens over the text ``context``."""
+        """Attention ``[B, S, H, D]`` of the input's tokens over the text ``context``."""
         plan = self.runtime.plan
         cache = plan.cross if plan is not None else None
         if cache is None:
-            out = _attention(query, *_project_kv(attn, context), attention_mask)
-            return _output(attn, out, query.dtype)
+            return _fresh(_attention(query, *_project_kv(attn, context), attention_mask))
         # `context` is the cached text projection: one row per `repeat` rows of the query.
         if self.layer not in cache.keys:
             cache.keys[self.layer], cache.values[self.layer] = _project_kv(attn, context)
         key, value = cache.keys[self.layer], cache.values[self.layer]
-        out = _unfold(_attention(_fold(query, cache.repeat), key, value, attention_mask), cache.repeat)
-        return _output(attn, out, query.dtype)
+        return _fresh(_unfold(_attention(_fold(query, cache.repeat), key, value, attention_mask), cache.repeat))
 
 
 class CausalWanTextProjection(PixArtAlphaTextProjection):
