@@ -71,7 +71,8 @@ def staged_checkpoint(run_dir: str, name: str, accelerator: Accelerator) -> Iter
     staging_dir = os.path.join(run_dir, STAGING_DIR)
     staged, final = os.path.join(staging_dir, name), os.path.join(run_dir, name)
     if accelerator.is_local_main_process and os.path.isdir(staged):
-        shutil.rmtree(staged)
+        # Nodes sharing one file system remove it at the same time: whichever gets there second finds it gone.
+        shutil.rmtree(staged, ignore_errors=True)
     accelerator.wait_for_everyone()
     yield staged
     accelerator.wait_for_everyone()
@@ -81,8 +82,9 @@ def staged_checkpoint(run_dir: str, name: str, accelerator: Accelerator) -> Iter
     if accelerator.is_local_main_process and os.path.isdir(staged):
         publish(staged, final)
     accelerator.wait_for_everyone()
-    if accelerator.is_local_main_process and os.path.isdir(staging_dir) and not os.listdir(staging_dir):
-        os.rmdir(staging_dir)
+    if accelerator.is_local_main_process:
+        with contextlib.suppress(OSError):  # not empty (another save's staging), or removed by another node
+            os.rmdir(staging_dir)
 
 
 def save_process_state(
