@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,17 +63,31 @@ LAUNCH_OPTIONS = ("--mixed_precision", "no", "--dynamo_backend", "no", "--main_p
 
 def launch(args: list, port: int, *, machines: int = 1) -> None:
     """`accelerate launch` 2 processes in all over `machines` loopback "machines" (one command per machine rank,
-    run together) and check they succeed."""
+    run together) and check they succeed.
+
+    A run whose worker was killed by a signal (gloo aborting a worker on a loaded 2-core machine, seen once in ~10
+    suite runs) is run once more on a fresh port; any other failure, or a second one, fails the test."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    commands = [
-        [*LAUNCH, *LAUNCH_OPTIONS, "--num_machines", str(machines), "--machine_rank", str(rank)]
-        + ["--main_process_port", str(port), *map(str, args)]
-        for rank in range(machines)
-    ]
-    jobs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
-    for job in jobs:
-        _, stderr = job.communicate(timeout=600)
-        assert job.returncode == 0, stderr[-4000:]
+    for attempt in range(2):
+        commands = [
+            [*LAUNCH, *LAUNCH_OPTIONS, "--num_machines", str(machines), "--machine_rank", str(rank)]
+            + ["--main_process_port", str(port), *map(str, args)]
+            for rank in range(machines)
+        ]
+        jobs = [
+            subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands
+        ]
+        results = [(job.communicate(timeout=600)[1], job.returncode) for job in jobs]
+        if all(code == 0 for _, code in results):
+            return
+        killed = any(re.search(r"exitcode: -\d+", stderr) for stderr, _ in results)
+        if attempt or not killed:
+            break
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+    for stderr, code in results:
+        assert code == 0, stderr[-4000:]
 
 
 def _ranks(folder: Path) -> list[dict]:
