@@ -168,7 +168,13 @@ def videoalign_reward(dtype: torch.dtype, quick: bool = False) -> VideoAlignRewa
     fixture = VideoAlignReward.from_pretrained(FIXTURE, dtype=torch.float32)
     if quick:
         return fixture.to(dtype)
-    tokens = {k: getattr(fixture.model.config, k) for k in QWEN2_VL_2B if k.endswith("token_id")}
+    # Special-token ids that transformers 5 keeps on the text config (bos/eos) or on the top-level one (vision ids).
+    configs = (fixture.model.config, fixture.model.config.get_text_config())
+    tokens = {
+        k: next(getattr(c, k) for c in configs if getattr(c, k, None) is not None)
+        for k in QWEN2_VL_2B
+        if k.endswith("token_id")
+    }
     torch.manual_seed(0)
     model = Qwen2VLModel(Qwen2VLConfig.from_dict({**QWEN2_VL_2B, **tokens})).eval()
     head = torch.nn.Linear(model.config.text_config.hidden_size, 1, bias=False)

@@ -522,6 +522,14 @@ def test_bench_toy_world_runs_on_an_untrained_pipeline(bench, tmp_path, monkeypa
     assert results["renderer"]["diversity"]["pixel_distance"] > 0.01
     assert results["generator"]["diversity"]["pixel_distance"] > 0
     assert math.isfinite(results["vae_psnr_db"])
+    # The VAE rows read the reconstructions of the same prompts' renders.
+    vae_cells = results["vae"]["adherence"]
+    assert [vae_cells[split]["color"]["n"] for split in ("in_distribution", "held_out")] == [
+        results["renderer"]["adherence"][split]["color"]["n"] for split in ("in_distribution", "held_out")
+    ]
+    videos = torch.rand(2, 3, 3, 8, 8)
+    assert bench.psnr(videos, videos) == pytest.approx(100.0)
+    assert bench.psnr(videos.clamp(0.1, 0.9), videos) < 40
     from PIL import Image
 
     assert Image.open(figure).size == (5 * 66, 6 * 66)
