@@ -26,6 +26,7 @@ from trl_arcopo.replay import collect_replay_buffer
 from trl_arcopo.rewards import brightness_reward
 from trl_arcopo.rollout import rebuild_context
 from trl_arcopo.testing import TINY_TRAINING_ARGS, tiny_causal_wan_pipeline
+from trl_arcopo.toy import TOY_TRAINING_ARGS, load_toy_pipeline
 
 transformers.logging.set_verbosity_error()
 PROMPTS = Dataset.from_dict({"prompt": ["a red car", "a blue sea", "a cat", "a dog"]})
@@ -575,10 +576,32 @@ def test_rewards_overlap_the_next_rollout_and_match_the_synchronous_path(tmp_pat
     [
         ({"reward_funcs": "nonexistent"}, "Unknown reward 'nonexistent'"),
         ({"reward_funcs": []}, "`reward_funcs` is empty"),
-        ({"args": {"num_frames": 17}}, "not a multiple of the pipeline's chunk size"),
+        (
+            {"args": {"num_frames": 10}},
+            "`num_frames` (10) does not split into whole chunks of this pipeline (VAE temporal stride 4, 3 latent "
+            "frames per chunk): use 9 or 21 (any 9 + 12·k).",
+        ),
+        ({"args": {"num_frames": 17}}, "`num_frames` (17) does not split into whole chunks"),
+        ({"args": {"num_frames": 5}}, "per chunk): use 9 (any 9 + 12·k)."),
+        (
+            {"args": {"height": 40}},
+            "`height` (40) must be a positive multiple of 16 for this pipeline (VAE spatial stride 8, 2x2 patches): "
+            "use 32 or 48.",
+        ),
+        ({"args": {"width": 8}}, "`width` (8) must be a positive multiple of 16"),
+        # The size is checked before anything heavy: here before the rewards are loaded.
+        ({"reward_funcs": "nonexistent", "args": {"num_frames": 10}}, "`num_frames` (10) does not split"),
         ({"args": {"train_steps": [4]}}, "`train_steps`"),
         ({"args": {"reward_weights": {"sharpness": 1.0}}}, "`reward_weights` keys ['sharpness'] name no reward"),
-        ({"args": {"pivot_strategy": "fixed", "pivot_index": 2}}, "`pivot_index`=2 but videos have 2 chunks"),
+        (
+            {"args": {"pivot_strategy": "fixed", "pivot_index": 2}},
+            "`pivot_index` (2) is out of range: a video of `num_frames`=21 has 2 chunks on this pipeline; use 0 .. 1.",
+        ),
+        (
+            {"args": {"pivot_strategy": "weighted", "pivot_weights": [1.0, 1.0, 1.0]}},
+            "`pivot_weights` has 3 weights, but a video of `num_frames`=21 has 2 chunks on this pipeline; pass one "
+            "weight per chunk.",
+        ),
         ({"train_dataset": Dataset.from_dict({"text": ["a"]})}, "needs a 'prompt' column"),
         (
             {"train_dataset": Dataset.from_dict({})},
@@ -605,6 +628,36 @@ def test_bad_trainer_input(tmp_path, kwargs, message):
     arguments["args"] = _config(tmp_path, **kwargs.get("args", {}))
     with pytest.raises(ValueError, match=re.escape(message)):
         ARCoPOTrainer(tiny_causal_wan_pipeline(), **arguments)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_frames": 12}, None),  # 12 latent frames = 4 chunks: what the toy generator was trained on
+        ({"num_frames": 12, "pivot_strategy": "fixed", "pivot_index": 3}, None),
+        ({"num_frames": 12, "height": 24, "width": 40}, None),  # multiples of 8 (4x VAE, 2x2 patches)
+        (
+            {"num_frames": 10},
+            "`num_frames` (10) does not split into whole chunks of this pipeline (VAE temporal stride 1, 3 latent "
+            "frames per chunk): use 9 or 12 (any 3 + 3·k).",
+        ),
+        ({"height": 20}, "`height` (20) must be a positive multiple of 8 for this pipeline"),
+        (
+            {"num_frames": 12, "pivot_strategy": "fixed", "pivot_index": 4},
+            "`pivot_index` (4) is out of range: a video of `num_frames`=12 has 4 chunks on this pipeline; use 0 .. 3.",
+        ),
+    ],
+)
+def test_video_size_is_checked_against_the_pipelines_vae(tmp_path, overrides, message):
+    """The toy generator's VAE keeps every frame (temporal stride 1): its sizes are not Wan2.1's."""
+    args = ARCoPOConfig(str(tmp_path), **{**TOY_TRAINING_ARGS, **overrides, "max_steps": 1})
+    if message is not None:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ARCoPOTrainer(load_toy_pipeline(), "toy_size", args=args, train_dataset=PROMPTS)
+        return
+    trainer = ARCoPOTrainer(load_toy_pipeline(), "toy_size", args=args, train_dataset=PROMPTS)
+    frames, height, width = args.num_frames, args.height, args.width
+    assert (trainer.num_chunks, *trainer.latent_shape[1:]) == (frames // 3, frames, height // 4, width // 4)
 
 
 @pytest.mark.parametrize("name", ["train_dataset", "eval_dataset"])

@@ -13,6 +13,7 @@ from trl_arcopo import CausalWanPipeline
 from trl_arcopo.models import load_self_forcing_transformer, wan_config_from_original
 from trl_arcopo.models.kv_cache import attended_frames
 from trl_arcopo.testing import tiny_causal_wan_pipeline
+from trl_arcopo.toy import load_toy_pipeline
 
 # Weights loaded from disk are memory-mapped: the same numbers at another alignment take other MKL code paths on
 # CPU, which moves float32 results by ~1e-7 (bitwise equal once the loaded tensors are cloned). Round trips check
@@ -357,12 +358,13 @@ def test_state_dict_unchanged_by_causal_processors():
     [
         ({"prompt": "a cat", "num_frames": 17}, "num_frames"),
         ({"prompt": "a cat", "num_frames": 12}, "num_frames"),
-        ({"prompt": "a cat", "height": 40}, "`height`=40 must be a positive multiple of 16"),
-        ({"prompt": "a cat", "width": 24}, "`width`=24 must be a positive multiple of 16"),
-        ({"prompt": "a cat", "height": 0}, "`height`=0 must be a positive multiple of 16"),
-        ({"prompt": "a cat", "height": -16}, "`height`=-16 must be a positive multiple of 16"),
-        ({"prompt": "a cat", "width": 32.0}, "`width`=32.0 must be a positive multiple of 16"),
-        ({"prompt": "a cat", "num_frames": 21.0}, "`num_frames`=21.0 does not split into whole chunks"),
+        ({"prompt": "a cat", "num_frames": 10}, "`num_frames` (10) does not split into whole chunks of this pipeline"),
+        ({"prompt": "a cat", "height": 40}, "`height` (40) must be a positive multiple of 16 for this pipeline"),
+        ({"prompt": "a cat", "width": 24}, "`width` (24) must be a positive multiple of 16"),
+        ({"prompt": "a cat", "height": 0}, "`height` (0) must be a positive multiple of 16"),
+        ({"prompt": "a cat", "height": -16}, "`height` (-16) must be a positive multiple of 16"),
+        ({"prompt": "a cat", "width": 32.0}, "`width` (32.0) must be an integer"),
+        ({"prompt": "a cat", "num_frames": 21.0}, "`num_frames` (21.0) must be an integer"),
         ({"prompt": "a cat", "prompt_embeds": torch.zeros(1, 16, 32)}, "exactly one of `prompt` or `prompt_embeds`"),
         ({}, "Pass `prompt` (a string or a list of strings) or `prompt_embeds`; got neither"),
         ({"prompt": None}, "Pass `prompt` (a string or a list of strings) or `prompt_embeds`; got neither"),
@@ -394,6 +396,30 @@ def test_bad_call_arguments(kwargs, message):
     kwargs = {"num_frames": 9, "height": 32, "width": 32, **kwargs}
     with pytest.raises(ValueError, match=re.escape(message)):
         pipe(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make_pipeline", "valid"),
+    [
+        (tiny_causal_wan_pipeline, [9, 21, 33, 45]),  # Wan2.1's VAE (4 frames per latent frame, the first alone)
+        (lambda: tiny_causal_wan_pipeline(num_frame_per_block=2), [5, 13, 21, 29, 37, 45]),
+        (load_toy_pipeline, list(range(3, 43, 3))),  # a per-frame VAE: latent frames = pixel frames
+    ],
+    ids=["wan", "wan-2-frame-chunks", "toy"],
+)
+def test_check_video_size_takes_whole_chunks_and_names_the_nearest_valid_sizes(make_pipeline, valid):
+    pipe = make_pipeline()
+    accepted = []
+    for num_frames in range(1, 40):
+        try:
+            pipe.check_video_size(num_frames, 32, 32)
+        except ValueError as error:
+            nearest = [int(n) for n in re.search(r"use (\d+)(?: or (\d+))? \(", str(error)).groups() if n]
+            assert nearest == [n for n in valid if n < num_frames][-1:] + [min(n for n in valid if n > num_frames)]
+            continue
+        accepted.append(num_frames)
+        assert pipe.latent_shape(num_frames, 32, 32)[1] % pipe.config.num_frame_per_block == 0
+    assert accepted == [n for n in valid if n < 40]
 
 
 def test_nan_latents_raise_instead_of_writing_a_nan_video():

@@ -150,6 +150,12 @@ def test_the_yaml_preset_chooses_the_defaults(tmp_path):
     assert config.reward_weights == {"videoalign:VQ": 1.0, "videoalign:MQ": 1.0, "videoalign:TA": 1.0}
 
 
+def test_the_video_size_is_the_presets_generators():
+    """12 frames are 4 chunks of the toy generator's per-frame latents (Wan2.1's VAE would make 3 latent frames)."""
+    _, config = train.parse(["--num_frames", "12", "--height", "24"])
+    assert (config.num_frames, config.height) == (12, 24)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_example_config_parses(path):
     script_args, config = train.parse(["--config", str(path)])
@@ -194,7 +200,9 @@ def _exit_line(capsys, argv: list[str]) -> str:
         (["--preset", "huge"], "unknown --preset 'huge'; choose one of ['self-forcing', 'tiny', 'toy']"),
         (["--prompt_file", "/nonexistent/prompts.txt"], "--prompt_file /nonexistent/prompts.txt is not a readable"),
         (["--preset", "tiny", "--max_stepz", "3"], "unrecognized arguments: --max_stepz 3"),
-        (["--num_frames", "22"], "`num_frames` (22) must satisfy"),
+        (["--num_frames", "22"], "--num_frames 22 does not split into whole chunks of the generator: use 3 + 3·k"),
+        (["--preset", "tiny", "--num_frames", "12"], "--num_frames 12 does not split into whole chunks of the gener"),
+        (["--preset", "tiny", "--height", "24"], "--height 24 is not a multiple of 16: use 16 or 32"),
         (["--model", "/nonexistent/pipeline"], "cannot load --model /nonexistent/pipeline: "),
         (["--model_init_kwargs", '{"dtype": "bfloat16"}'], "--model_init_kwargs is not read by this script"),
         (

@@ -20,11 +20,6 @@ _MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 _REWARD_ERRORS = ("raise", "skip_group")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")  # `model_init_kwargs["dtype"]` as a string
 
-# The Wan VAE compresses time by 4 (a latent frame holds 4 pixel frames, the first one alone) and space by 8; the
-# transformer's 2x2 patches make the latent side a multiple of 2, hence pixel sides that are multiples of 16.
-_VAE_TEMPORAL_SCALE = 4
-_PIXEL_MULTIPLE = 16
-
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -90,13 +85,15 @@ class ARCoPOConfig(TrainingArguments):
         > Parameters that control generation (rollouts)
 
         num_frames (`int`, *optional*, defaults to `81`):
-            Number of pixel frames of every generated video. `(num_frames - 1)` must be a multiple of 4 (the VAE
-            compresses 4 frames into one latent frame, the first frame alone), and the resulting latent frames must
-            split into whole chunks of the pipeline (81 frames = 21 latent frames = 7 chunks of 3).
+            Number of pixel frames of every generated video. Its latent frames must split into whole chunks of the
+            pipeline, which [`ARCoPOTrainer`] checks with [`CausalWanPipeline.check_video_size`]: with Wan2.1's VAE
+            (4 pixel frames per latent frame, the first one alone) and 3-frame chunks, `9 + 12·k` (81 frames = 21
+            latent frames = 7 chunks); with the toy generator's per-frame VAE, a multiple of 3.
         height (`int`, *optional*, defaults to `480`):
-            Height of the generated videos in pixels, a multiple of 16.
+            Height of the generated videos in pixels, a multiple of the pipeline's VAE stride times its patch size
+            (16 on Wan2.1, 8 on the toy generator).
         width (`int`, *optional*, defaults to `832`):
-            Width of the generated videos in pixels, a multiple of 16.
+            Width of the generated videos in pixels, a multiple of the same number as `height`.
         rollout_batch_size (`int`, *optional*):
             Number of branches of a rollout group denoised in one batched forward pass. Lower it to save memory. If
             `None`, all `num_generations` branches are denoised at once.
@@ -108,10 +105,11 @@ class ARCoPOConfig(TrainingArguments):
             - `"weighted"`: at random, with probabilities proportional to `pivot_weights`.
 
         pivot_index (`int`, *optional*):
-            0-based index of the pivot chunk. Required when `pivot_strategy="fixed"`, must be `None` otherwise.
+            0-based index of the pivot chunk, smaller than the number of chunks (checked by the trainer). Required when
+            `pivot_strategy="fixed"`, must be `None` otherwise.
         pivot_weights (`list[float]`, *optional*):
-            One non-negative weight per chunk, not all zero. Required when `pivot_strategy="weighted"`, must be `None`
-            otherwise.
+            One non-negative weight per chunk (as many as the pipeline makes of `num_frames`; checked by the trainer),
+            not all zero. Required when `pivot_strategy="weighted"`, must be `None` otherwise.
         exploration (`str`, *optional*, defaults to `"fork"`):
             How the branches of a rollout group explore:
 
@@ -340,17 +338,18 @@ class ARCoPOConfig(TrainingArguments):
     num_frames: int = field(
         default=81,
         metadata={
-            "help": "Number of pixel frames per video; `num_frames - 1` must be a multiple of 4 and the latent frames "
-            "must split into whole chunks (81 frames = 21 latent frames = 7 chunks of 3)."
+            "help": "Number of pixel frames per video; its latent frames must split into whole chunks of the pipeline "
+            "(checked by the trainer): 9 + 12·k on Wan2.1 (81 = 7 chunks of 3 latent frames), a multiple of 3 on the "
+            "toy generator."
         },
     )
     height: int = field(
         default=480,
-        metadata={"help": "Height of the generated videos in pixels, a multiple of 16."},
+        metadata={"help": "Height of the generated videos in pixels, a multiple of 16 on Wan2.1 (8 on the toy)."},
     )
     width: int = field(
         default=832,
-        metadata={"help": "Width of the generated videos in pixels, a multiple of 16."},
+        metadata={"help": "Width of the generated videos in pixels, a multiple of 16 on Wan2.1 (8 on the toy)."},
     )
     rollout_batch_size: int | None = field(
         default=None,
@@ -705,22 +704,9 @@ class ARCoPOConfig(TrainingArguments):
             )
 
     def _validate_generation(self) -> None:
-        _check_int("num_frames", self.num_frames, minimum=1)
-        if (self.num_frames - 1) % _VAE_TEMPORAL_SCALE:
-            lower = self.num_frames - (self.num_frames - 1) % _VAE_TEMPORAL_SCALE
-            raise ValueError(
-                f"`num_frames` ({self.num_frames}) must satisfy (num_frames - 1) % {_VAE_TEMPORAL_SCALE} == 0; use "
-                f"{lower} or {lower + _VAE_TEMPORAL_SCALE}."
-            )
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            _check_int(name, value, minimum=_PIXEL_MULTIPLE)
-            if value % _PIXEL_MULTIPLE:
-                lower = value - value % _PIXEL_MULTIPLE
-                raise ValueError(
-                    f"`{name}` ({value}) must be a multiple of {_PIXEL_MULTIPLE}; use {lower} or "
-                    f"{lower + _PIXEL_MULTIPLE}."
-                )
+        # Which sizes split into whole chunks depends on the pipeline's VAE and chunks: the trainer checks them.
+        for name in ("num_frames", "height", "width"):
+            _check_int(name, getattr(self, name), minimum=1)
         if self.rollout_batch_size is not None:
             _check_int("rollout_batch_size", self.rollout_batch_size, minimum=1, none_hint=True)
 
@@ -739,7 +725,6 @@ class ARCoPOConfig(TrainingArguments):
         _check_choice("exploration", self.exploration, _EXPLORATIONS)
 
         _check_choice("pivot_strategy", self.pivot_strategy, _PIVOT_STRATEGIES)
-        num_latent_frames = (self.num_frames - 1) // _VAE_TEMPORAL_SCALE + 1  # an upper bound on the chunk count
         if self.pivot_strategy == "fixed":
             if self.pivot_index is None:
                 raise ValueError(
@@ -747,11 +732,6 @@ class ARCoPOConfig(TrainingArguments):
                     "the chunk to train, e.g. `pivot_index=0`."
                 )
             _check_int("pivot_index", self.pivot_index, minimum=0)
-            if self.pivot_index >= num_latent_frames:
-                raise ValueError(
-                    f"`pivot_index` ({self.pivot_index}) is out of range: a video of `num_frames`={self.num_frames} has "
-                    f"at most {num_latent_frames} chunks; use a smaller index."
-                )
         elif self.pivot_index is not None:
             raise ValueError(
                 f"`pivot_index` ({self.pivot_index!r}) is only used with `pivot_strategy='fixed'` (got "
@@ -773,11 +753,6 @@ class ARCoPOConfig(TrainingArguments):
                 raise ValueError(
                     f"`pivot_weights` ({weights!r}) must be a non-empty list of finite, non-negative weights, not all "
                     "zero (one per chunk); fix the weights."
-                )
-            if len(weights) > num_latent_frames:
-                raise ValueError(
-                    f"`pivot_weights` has {len(weights)} weights, but a video of `num_frames`={self.num_frames} has at "
-                    f"most {num_latent_frames} chunks; pass one weight per chunk."
                 )
             self.pivot_weights = [float(w) for w in weights]
         elif self.pivot_weights is not None:

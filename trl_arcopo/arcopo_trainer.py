@@ -180,6 +180,7 @@ class ARCoPOTrainer(Trainer):
             raise TypeError(f"`args` must be an ARCoPOConfig, got {type(args).__name__}.")
         pipeline = self._load_pipeline(model, args)
         self.pipeline = pipeline
+        self._check_video_size(args, pipeline)
         self.reward_funcs = resolve_rewards(reward_funcs)
         if not self.reward_funcs:
             raise ValueError("`reward_funcs` is empty: pass at least one reward function.")
@@ -282,27 +283,28 @@ class ARCoPOTrainer(Trainer):
         _check_one_optimizer_step(buffer, args, f"The replay buffer {args.replay_dataset!r} has {{rows}} group(s)")
         return buffer
 
+    def _check_video_size(self, args: ARCoPOConfig, pipeline: CausalWanPipeline) -> None:
+        """The video size and the pivot chunks of ``args`` against the pipeline's VAE and chunks, before anything
+        heavy runs (rewards, replay buffer, rollouts)."""
+        pipeline.check_video_size(args.num_frames, args.height, args.width)
+        self.latent_shape = pipeline.latent_shape(args.num_frames, args.height, args.width)
+        self.num_chunks = self.latent_shape[1] // pipeline.config.num_frame_per_block
+        video = f"a video of `num_frames`={args.num_frames} has {self.num_chunks} chunks on this pipeline"
+        if args.pivot_strategy == "fixed" and args.pivot_index >= self.num_chunks:
+            raise ValueError(
+                f"`pivot_index` ({args.pivot_index}) is out of range: {video}; use 0 .. {self.num_chunks - 1}."
+            )
+        if args.pivot_strategy == "weighted" and len(args.pivot_weights) != self.num_chunks:
+            raise ValueError(
+                f"`pivot_weights` has {len(args.pivot_weights)} weights, but {video}; pass one weight per chunk."
+            )
+
     def _check_against_pipeline(self, args: ARCoPOConfig, pipeline: CausalWanPipeline) -> None:
         num_steps = len(pipeline.timesteps)
         if args.train_steps is not None and max(args.train_steps) >= num_steps:
             raise ValueError(
                 f"`train_steps` {args.train_steps} names steps the sampler does not have (it runs {num_steps}: "
                 f"0 .. {num_steps - 1})."
-            )
-        chunk = pipeline.config.num_frame_per_block
-        self.latent_shape = pipeline.latent_shape(args.num_frames, args.height, args.width)
-        latent_frames = self.latent_shape[1]
-        if latent_frames % chunk:
-            raise ValueError(
-                f"`num_frames`={args.num_frames} gives {latent_frames} latent frames, not a multiple of the "
-                f"pipeline's chunk size {chunk}; use 1 + 4·(3k - 1) frames, e.g. 9, 21, 33 or 81."
-            )
-        num_chunks = latent_frames // chunk
-        if args.pivot_strategy == "fixed" and args.pivot_index >= num_chunks:
-            raise ValueError(f"`pivot_index`={args.pivot_index} but videos have {num_chunks} chunks.")
-        if args.pivot_strategy == "weighted" and len(args.pivot_weights) != num_chunks:
-            raise ValueError(
-                f"`pivot_weights` needs one weight per chunk ({num_chunks}), got {len(args.pivot_weights)}."
             )
         if isinstance(args.reward_weights, dict):
             names = self.reward_func_names
@@ -321,7 +323,6 @@ class ARCoPOTrainer(Trainer):
             raise ValueError(
                 "`exploration='sde'` trains the stochastic transitions: `train_steps` must include a step < T-1."
             )
-        self.num_chunks = num_chunks
         self.train_steps = list(args.train_steps) if args.train_steps is not None else list(range(num_steps))
 
     # ---------------------------------------------------------------------------------------------- data

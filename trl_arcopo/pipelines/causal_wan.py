@@ -120,6 +120,14 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _nearest(value: int, first: int, step: int) -> str:
+    """The values ``first + step·k`` (``k >= 0``) on either side of ``value``, e.g. ``"9 or 21"``."""
+    if value < first:
+        return str(first)
+    lower = first + (value - first) // step * step
+    return f"{lower} or {lower + step}"
+
+
 def _collapse_whitespace(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
@@ -380,6 +388,37 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             width // self.vae_scale_factor_spatial,
         )
 
+    def check_video_size(self, num_frames: int, height: int, width: int) -> None:
+        """Raise a ``ValueError`` naming the field and its nearest valid values unless this pipeline can generate
+        videos of ``num_frames`` pixel frames of ``height × width`` pixels.
+
+        The VAE packs ``vae_scale_factor_temporal`` pixel frames into one latent frame (the first frame alone) and the
+        latent frames must split into whole chunks of ``num_frame_per_block``: with Wan2.1's VAE (stride 4) and
+        3-frame chunks, ``num_frames`` is ``9 + 12·k`` (81 = 7 chunks); with a per-frame VAE (stride 1), a multiple
+        of 3. ``height`` and ``width`` are multiples of the VAE's spatial stride times the transformer's patch size
+        (16 on Wan2.1).
+        """
+        for name, value in (("num_frames", num_frames), ("height", height), ("width", width)):
+            if not _is_int(value):
+                raise ValueError(f"`{name}` ({value!r}) must be an integer.")
+        t_scale, chunk = self.vae_scale_factor_temporal, self.config.num_frame_per_block
+        step, first = t_scale * chunk, t_scale * (chunk - 1) + 1
+        if num_frames < first or (num_frames - first) % step:
+            raise ValueError(
+                f"`num_frames` ({num_frames}) does not split into whole chunks of this pipeline (VAE temporal "
+                f"stride {t_scale}, {chunk} latent frames per chunk): use {_nearest(num_frames, first, step)} (any "
+                f"{first} + {step}·k)."
+            )
+        patch_h, patch_w = self.transformer.config.patch_size[1:]
+        multiple = self.vae_scale_factor_spatial * max(patch_h, patch_w)
+        for name, value in (("height", height), ("width", width)):
+            if value < multiple or value % multiple:
+                raise ValueError(
+                    f"`{name}` ({value}) must be a positive multiple of {multiple} for this pipeline (VAE spatial "
+                    f"stride {self.vae_scale_factor_spatial}, {patch_h}x{patch_w} patches): use "
+                    f"{_nearest(value, multiple, multiple)}."
+                )
+
     def check_inputs(
         self,
         prompt: str | list[str] | None,
@@ -457,23 +496,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     f"{(patch_h, patch_w)}."
                 )
             return
-        t_scale = self.vae_scale_factor_temporal
-        step, first = t_scale * chunk, t_scale * (chunk - 1) + 1
-        if (
-            not _is_int(num_frames)
-            or num_frames < 1
-            or (num_frames - 1) % t_scale
-            or ((num_frames - 1) // t_scale + 1) % chunk
-        ):
-            raise ValueError(
-                f"`num_frames`={num_frames!r} does not split into whole chunks of {chunk} latent frames: use the "
-                f"integer {first} + {step}·(chunks - 1), e.g. {first}, {first + step}, {first + 2 * step} or "
-                f"{first + 6 * step}."
-            )
-        multiple = self.vae_scale_factor_spatial * max(patch_h, patch_w)
-        for name, value in (("height", height), ("width", width)):
-            if not _is_int(value) or value < multiple or value % multiple:
-                raise ValueError(f"`{name}`={value!r} must be a positive multiple of {multiple}, e.g. 480 x 832.")
+        self.check_video_size(num_frames, height, width)
 
     def _check_step_noise(self, step_noise: dict, latents: torch.Tensor, num_chunks: int) -> None:
         num_draws = len(self.timesteps) - 1
@@ -667,8 +690,9 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, output_type: str = "np"):
-        """Decode normalized latents ``[B, C, F, H, W]`` into ``1 + 4·(F - 1)`` pixel frames (``output_type`` as in
-        ``__call__``). The whole video is decoded at once: the Wan VAE's causal cache is not streamable."""
+        """Decode normalized latents ``[B, C, F, H, W]`` into ``1 + s·(F - 1)`` pixel frames, ``s`` the VAE's
+        ``vae_scale_factor_temporal`` (``output_type`` as in ``__call__``). The whole video is decoded at once: the Wan
+        VAE's causal cache is not streamable."""
         vae = self.vae
         z_dim = vae.config.z_dim
         mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
@@ -738,7 +762,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
 
         Args:
             prompt: text prompt(s); or pass ``prompt_embeds`` ``[B, text_tokens, text_dim]``.
-            num_frames: pixel frames, ``9 + 12·(chunks - 1)`` for 3-frame chunks (81 = 7 chunks).
+            num_frames: pixel frames making whole chunks (:meth:`check_video_size`): ``9 + 12·(chunks - 1)`` with
+                Wan2.1's VAE and 3-frame chunks (81 = 7 chunks).
             height, width: pixel size, multiples of 16.
             num_videos_per_prompt: videos generated for each prompt (the batch is ``B · num_videos_per_prompt``, the
                 videos of a prompt next to each other).

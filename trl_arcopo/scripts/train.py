@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trl_arcopo.scripts.utils import (
+    PRESET_GEOMETRY,
     TINY_TRAINING_ARGS,
     TOY_TRAINING_ARGS,
     GeneratorArguments,
     ScriptParser,
     check_reward_names,
+    check_video_size,
     fail,
     is_missing_path,
     load_generator,
@@ -125,6 +127,9 @@ def parse(argv: list[str] | None = None) -> tuple[ScriptArguments, ARCoPOConfig]
     """Parse flags and `--config` on top of the requested preset's defaults; bad input exits with code 2."""
     check_args(argv)
     script_args, config = parse_with_preset(make_parser(), PRESETS, argv)
+    # A preset's video geometry is known before its generator loads; a `--model`'s is checked by the trainer.
+    geometry = None if script_args.model else PRESET_GEOMETRY[script_args.preset]
+    check_video_size(config.num_frames, config.height, config.width, geometry=geometry)
     if config.model_init_kwargs:
         fail(
             "--model_init_kwargs is not read by this script, which loads the generator itself: use --dtype and "

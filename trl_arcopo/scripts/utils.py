@@ -41,12 +41,12 @@ WAN_GEOMETRY = (4, 3, 16)
 PRESET_GEOMETRY = {"toy": (1, 3, 8), "tiny": WAN_GEOMETRY, "self-forcing": WAN_GEOMETRY}
 
 # ARCoPOConfig values for the toy generator (the toy preset of the scripts; also `trl_arcopo.toy.TOY_TRAINING_ARGS`):
-# its video size (9 frames = 3 chunks of its per-frame latents; the config's frame count follows Wan's 4x temporal
-# VAE, 1 + 4k), groups and LoRA for 2 CPU cores, and what keeps the optimisation healthy at this scale, chosen from
-# measurements (docs/benchmarks.md, "AR-CoPO on the toy generator"): the toy sampler keeps the fork at its first step
-# (candidate spread 0.045) and nearly erases it afterwards (0.0055, 0.0037, 0.0033), so a temperature relative to
-# those tiny spreads turns small weight changes into ratios of 100+; training the first step only keeps every
-# reused-rollout update's ratio/mean within 2 % of 1. The paper's epsilon 1e-4 would clip every reused update.
+# its video size (9 frames = 3 chunks of its per-frame latents), groups and LoRA for 2 CPU cores, and what keeps the
+# optimisation healthy at this scale, chosen from measurements (docs/benchmarks.md, "AR-CoPO on the toy generator"):
+# the toy sampler keeps the fork at its first step (candidate spread 0.045) and nearly erases it afterwards (0.0055,
+# 0.0037, 0.0033), so a temperature relative to those tiny spreads turns small weight changes into ratios of 100+;
+# training the first step only keeps every reused-rollout update's ratio/mean within 2 % of 1. The paper's epsilon
+# 1e-4 would clip every reused update.
 TOY_TRAINING_ARGS: dict[str, Any] = {
     "num_frames": 9,
     "height": 32,
@@ -186,9 +186,11 @@ def load_generator(
 
 def add_video_size_arguments(group: argparse._ArgumentGroup) -> None:
     """`--num_frames`, `--height` and `--width`, unset by default (read with `video_size`)."""
-    group.add_argument("--num_frames", type=int, help="pixel frames, 9 + 12·(chunks - 1) (preset default)")
-    group.add_argument("--height", type=int, help="pixels, a multiple of 16 (preset default)")
-    group.add_argument("--width", type=int, help="pixels, a multiple of 16 (preset default)")
+    group.add_argument(
+        "--num_frames", type=int, help="pixel frames: 9 + 12·k on Wan2.1, a multiple of 3 on the toy (preset default)"
+    )
+    group.add_argument("--height", type=int, help="pixels, a multiple of 16 (8 on the toy; preset default)")
+    group.add_argument("--width", type=int, help="pixels, a multiple of 16 (8 on the toy; preset default)")
 
 
 def video_size(args: argparse.Namespace, sizes: Mapping[str, tuple[int, int, int]]) -> tuple[int, int, int]:
