@@ -92,6 +92,15 @@ def test_kv_cache_terms_are_the_levels_the_rollout_allocates(pipeline):
     assert estimate.phases["reward"]["KV cache"] == measured + cross_bytes
 
 
+def test_estimate_refuses_sizes_and_pivots_the_generator_cannot_run():
+    spec = GeneratorSpec.self_forcing()  # 81 frames: 21 latent frames, 7 chunks
+    assert estimate_memory(RunSettings(num_frames=81, pivots=(6,)), spec).peak > 0
+    with pytest.raises(ValueError, match=r"`pivot_index` \(or `pivot_weights`\) to chunks 0 \.\. 6"):
+        estimate_memory(RunSettings(num_frames=81, pivots=(7,)), spec)
+    with pytest.raises(ValueError, match=r"`num_frames` \(85\) gives 22 latent frames .* use 81 frames"):
+        estimate_memory(RunSettings(num_frames=85), spec)
+
+
 def test_fsdp2_shards_the_transformer_and_ddp_keeps_gradient_buckets():
     spec, run = GeneratorSpec.self_forcing(), RunSettings(num_generations=12, num_anchors=4)
     single = estimate_memory(run, spec)

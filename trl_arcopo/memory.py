@@ -565,6 +565,19 @@ class _Geometry:
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
+        if self.latent_frames % self.chunk_frames:
+            raise ValueError(
+                f"`num_frames` ({self.run.num_frames}) gives {self.latent_frames} latent frames on this generator "
+                f"(VAE temporal stride {temporal}), not whole chunks of {self.chunk_frames}: use "
+                f"{temporal * (self.chunk_frames * max(1, self.num_chunks) - 1) + 1} frames or another whole number "
+                "of chunks."
+            )
+        if self.run.pivots and max(self.run.pivots) >= self.num_chunks:
+            raise ValueError(
+                f"A pivot chunk ({max(self.run.pivots)}) is out of range: a video of `num_frames`={self.run.num_frames} "
+                f"has {self.num_chunks} chunks on this generator; set `pivot_index` (or `pivot_weights`) to chunks "
+                f"0 .. {self.num_chunks - 1}."
+            )
 
     @property
     def chunk_frames(self) -> int:

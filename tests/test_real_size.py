@@ -1,0 +1,79 @@
+"""The released generator at its real width and depth (the 1.3B Self-Forcing transformer, 30 blocks of 1536) in
+bfloat16, loaded from a local Hub cache through `CausalWanPipeline.from_self_forcing` and trained one AR-CoPO step at
+the smallest video the models take (9 frames of 16x16: one chunk, one token per latent frame), so that a config, dtype
+or shape error that only the real configuration has fails here, not on a user's cluster. VideoAlign at its real size
+is built in `test_videoalign_2b_builds_from_the_released_config`; scoring with it at real size takes minutes on CPU
+(`benchmarks/bench_real_arch.py`, docs/benchmarks.md)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_real_arch", BENCHMARKS / "bench_real_arch.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+@pytest.mark.slow
+def test_self_forcing_1_3b_trains_one_step_in_bfloat16(bench, tmp_path):
+    from datasets import Dataset
+
+    from trl_arcopo import ARCoPOConfig, ARCoPOTrainer, CausalWanPipeline
+
+    hub = tmp_path / "hub"
+    bench.write_hub_cache(hub, torch.bfloat16, bench.MODELS["real"])
+    pipe = CausalWanPipeline.from_self_forcing(cache_dir=hub, dtype=torch.bfloat16)
+    transformer = pipe.transformer
+    assert transformer.dtype == torch.bfloat16 and len(transformer.blocks) == 30
+    assert 1.2e9 < sum(p.numel() for p in transformer.parameters()) < 1.5e9
+
+    config = ARCoPOConfig(
+        output_dir=str(tmp_path / "run"),
+        num_frames=9,
+        height=16,
+        width=16,
+        num_generations=2,
+        num_anchors=2,
+        lora_r=64,
+        lora_alpha=128,
+        learning_rate=1e-3,
+        transformer_gradient_checkpointing=True,
+        max_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        overlap_rewards=False,
+    )
+    prompts = Dataset.from_dict({"prompt": ["a corgi surfing a wave at sunset"]})
+    trainer = ARCoPOTrainer(pipe, "brightness", args=config, train_dataset=prompts)
+    lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())  # trainable LoRA in float32 over bf16
+    trainer.train()
+    logs = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
+    assert torch.isfinite(torch.tensor(logs["loss"])) and logs["grad_norm"] > 0
+    trained = {n: p.detach() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(torch.isfinite(p).all() for p in trained.values())
+    assert any(not torch.equal(lora[n], trained[n]) for n in lora)
+
+
+@pytest.mark.slow
+def test_videoalign_2b_builds_from_the_released_config(bench):
+    reward = bench.videoalign_reward(torch.bfloat16)
+    config = reward.model.config
+    assert config.get_text_config().hidden_size == 1536 and config.get_text_config().num_hidden_layers == 28
+    assert config.vision_config.depth == 32
+    assert 2.0e9 < sum(p.numel() for p in reward.model.parameters()) < 2.4e9
+    assert {p.dtype for p in reward.parameters()} == {torch.bfloat16}
