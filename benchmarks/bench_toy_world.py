@@ -16,6 +16,7 @@ colour/shape pair of ``HELD_OUT_PAIRS``, reported apart), the pipeline generates
 
     python benchmarks/bench_toy_world.py                          # the shipped toy pipeline (trl_arcopo/toy/weights)
     python benchmarks/bench_toy_world.py --pipeline toy-run/pipeline --json toy.json --write-figures
+    python benchmarks/bench_toy_world.py --pipeline toy-run/pipeline --training_run toy-run    # + the teacher's ODE
 
 ``--write-figures`` writes a strip of generated frames (prompts x 5 frames, nearest-upscaled x2) to
 ``docs/figures/toy_world_samples.png``.
@@ -52,6 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32, help="Videos generated at once.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the prompts and of the noises.")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--training_run",
+        default=None,
+        help="A `trl-arcopo toy-train` folder: also read the teacher's ODE samples it kept (ode_pairs.safetensors), "
+        "the targets the few-step student was distilled from.",
+    )
     parser.add_argument("--json", default=None, help="Write the figures to this JSON file.")
     parser.add_argument("--write-figures", action="store_true", help=f"Write the sample strip to {FIGURE}.")
     args = parser.parse_args(argv)
@@ -127,6 +134,20 @@ def adherence_rates(texts: list[str], videos: torch.Tensor, mask: list[bool]) ->
     return {name: rate([r[name] for r in results if r[name] is not None]) for name in ADHERENCE}
 
 
+@torch.no_grad()
+def teacher_adherence(pipe, run: Path, count: int, batch_size: int) -> dict[str, dict[str, float]]:
+    """Adherence of the first ``count`` teacher ODE samples of a toy-train folder ``run`` (normalised latents
+    ``[M, C, F, h, w]`` and their captions), decoded by ``pipe``'s VAE."""
+    from safetensors.torch import load_file
+
+    latents = load_file(run / "ode_pairs.safetensors")["latents"][:count]
+    captions = json.loads((run / "ode_captions.json").read_text())[: len(latents)]
+    videos = torch.cat(
+        [pipe.decode(b.to(pipe.vae.device), output_type="pt").float().cpu() for b in latents.split(batch_size)]
+    )
+    return adherence_rates(captions, videos, [True] * len(captions))
+
+
 def diversity(videos: torch.Tensor, noises: int) -> dict[str, float]:
     """``videos`` ``[P · noises, F, 3, H, W]``, the noises of a prompt next to each other."""
     from trl_arcopo.toy.detect import detect
@@ -190,6 +211,9 @@ def table(results: dict) -> str:
             cells = [results[source]["adherence"][split][name] for name in ADHERENCE]
             text = "".join(f"{c['rate']:>9.1%} ± {c['se']:>4.1%}" for c in cells)
             lines.append(f"{source + ' ' + split.replace('_', '-'):<22}{text}")
+    if "teacher_ode" in results:
+        cells = [results["teacher_ode"][name] for name in ADHERENCE]
+        lines.append(f"{'teacher ODE samples':<22}" + "".join(f"{c['rate']:>9.1%} ± {c['se']:>4.1%}" for c in cells))
     lines.append("")
     lines.append(f"{'diversity':<22}{'pixel RMS':>12}{'x std':>10}{'y std':>10}{'radius std':>12}")
     for source in ("generator", "renderer"):
@@ -250,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": round(time.perf_counter() - start, 1),
         },
     }
+    if args.training_run is not None:
+        results["teacher_ode"] = teacher_adherence(pipe, Path(args.training_run), args.num_prompts, args.batch_size)
     print(table(results))
     if args.write_figures:
         write_strip(generated[:6], FIGURE)

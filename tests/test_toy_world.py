@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from trl_arcopo.rewards import load_reward
 from trl_arcopo.toy.detect import (
@@ -513,7 +514,13 @@ def test_bench_toy_world_runs_on_an_untrained_pipeline(bench, tmp_path, monkeypa
         "--diversity_noises",
         "2",
     ]
+    run = tmp_path / "toy-run"  # a toy-train folder's ODE samples: 3 normalised latent videos and their captions
+    run.mkdir()
+    save_file({"latents": torch.randn(3, 16, 12, 8, 8)}, run / "ode_pairs.safetensors")
+    (run / "ode_captions.json").write_text(json.dumps(["a red circle moving left"] * 3))
+    args += ["--training_run", str(run)]
     results = bench.main([*args, "--json", str(tmp_path / "out.json"), "--write-figures"])
+    assert [results["teacher_ode"][name]["n"] for name in ("color", "shape", "direction")] == [3, 3, 3]
     assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(results))
     # The renderer is the ceiling: the detector confirms most of what its prompts state; its videos differ by seed.
     cells = results["renderer"]["adherence"]["in_distribution"].values()  # 6 prompts (2 held out: too few to bound)
