@@ -24,7 +24,7 @@ from types import ModuleType
 from . import __version__
 from .utils.arguments import ArgumentParser
 
-# The accelerate configs `--accelerate_config NAME` refers to (`single_gpu`, `multi_gpu`, `fsdp2`, `zero2`).
+# The accelerate configs `--accelerate_config NAME` refers to (`single_gpu`, `multi_gpu`, `fsdp2`).
 ACCELERATE_CONFIGS_DIR = Path(__file__).resolve().parent / "accelerate_configs"
 
 _LAUNCH_HELP = """
