@@ -153,6 +153,26 @@ def test_masked_reference_is_not_trivially_equal():
     assert (windowed - pipe_global.forward_block_causal(x, t, torch.zeros(1, 16, 32))).abs().max() > 1e-3
 
 
+def test_sample_chunk_gives_denoise_chunks_latents_without_keeping_the_steps():
+    pipe = tiny_causal_wan_pipeline()
+    prompt = torch.randn(2, 16, 32)
+    noise = torch.randn(2, 16, 3, 4, 4)
+    draws = [torch.randn(2, 16, 3, 4, 4), None, torch.randn(2, 16, 3, 4, 4)]  # the missing draw from the generator
+    recorded, light = pipe.init_state(prompt), pipe.init_state(prompt)
+    for _ in range(2):  # a second chunk attends to the committed first
+        record = pipe.denoise_chunk(recorded, noise, step_noise=draws, generator=torch.Generator().manual_seed(5))
+        clean = pipe.sample_chunk(light, noise, step_noise=draws, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(clean, record.latents) and record.inputs.shape[0] == len(pipe.timesteps)
+        pipe.commit_chunk(recorded, record.latents)
+        pipe.commit_chunk(light, clean)
+    # Generation keeps no per-step record unless the trajectory is asked for, and gives the same video either way.
+    kwargs = {"prompt_embeds": prompt, "num_frames": 21, "height": 32, "width": 32, "output_type": "latent"}
+    plain = pipe(**kwargs, generator=torch.Generator().manual_seed(1))
+    traced = pipe(**kwargs, generator=torch.Generator().manual_seed(1), return_trajectory=True)
+    assert plain.trajectory is None and len(traced.trajectory) == 2  # 21 frames: 6 latent frames, 2 chunks
+    assert torch.equal(plain.frames, traced.frames)
+
+
 def test_window_eviction_keeps_cache_size_and_sink():
     pipe = tiny_causal_wan_pipeline(local_attn_size=12, sink_size=3)
     state = pipe.init_state(torch.randn(1, 16, 32))

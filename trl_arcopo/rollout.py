@@ -213,10 +213,10 @@ def generate_group(
 
     prefix = pipeline.init_state(prompt_embeds, num_frames=latent_shape[1])
     for c in range(pivot):
-        record = pipeline.denoise_chunk(
+        clean = pipeline.sample_chunk(
             prefix, noise.initial[:, :, c * chunk : (c + 1) * chunk], step_noise=noise.draws[c]
         )
-        pipeline.commit_chunk(prefix, record.latents)
+        pipeline.commit_chunk(prefix, clean)
 
     batch = rollout_batch_size or num_generations
     records, latents = [], []
@@ -229,8 +229,8 @@ def generate_group(
         pipeline.commit_chunk(state, record.latents, update_cache=pivot < num_chunks - 1)
         for c in range(pivot + 1, num_chunks):
             initial = noise.initial[:, :, c * chunk : (c + 1) * chunk].expand(n, -1, -1, -1, -1)
-            done = pipeline.denoise_chunk(state, initial, step_noise=noise.draws[c].expand(-1, n, -1, -1, -1, -1))
-            pipeline.commit_chunk(state, done.latents, update_cache=c < num_chunks - 1)
+            clean = pipeline.sample_chunk(state, initial, step_noise=noise.draws[c].expand(-1, n, -1, -1, -1, -1))
+            pipeline.commit_chunk(state, clean, update_cache=c < num_chunks - 1)
         latents.append(state.latents)
     del state  # the last batch's KV cache level (rows x frames, the largest tensors of a rollout) before decoding
 

@@ -208,8 +208,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     The latent video ``[B, C, F, H, W]`` is generated ``num_frame_per_block`` latent frames at a time. Each chunk runs
     the few-step sampler (``denoising_step_list``) attending to the cached keys/values of the previous chunks, then a
     clean context pass at ``context_noise`` writes its own keys/values to the cache. The streaming primitives
-    (:meth:`init_state`, :meth:`denoise_chunk`, :meth:`commit_chunk`, :meth:`fork`, :meth:`decode`) expose the same
-    loop to trainers, which fork a prefix into several branches that share its cache.
+    (:meth:`init_state`, :meth:`denoise_chunk` / :meth:`sample_chunk`, :meth:`commit_chunk`, :meth:`fork`,
+    :meth:`decode`) expose the same loop to trainers, which fork a prefix into several branches that share its cache.
 
     Args:
         tokenizer, text_encoder: the umT5 tokenizer and encoder (optional when ``prompt_embeds`` are passed).
@@ -623,20 +623,8 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
         ``step_noise[s]`` (``[B, C, f, H, W]``) fixes the re-noise draw after step ``s``; missing draws are sampled
         from ``generator``. The state is not changed: commit the result with :meth:`commit_chunk`.
         """
-        num_steps = len(self.timesteps)
-        x = noise.float()
         inputs, predictions, draws = [], [], []
-        for s in range(num_steps):
-            inputs.append(x)
-            x0 = self.predict_x0(state, x, s)
-            predictions.append(x0)
-            if s < num_steps - 1:
-                eta = step_noise[s] if step_noise is not None and step_noise[s] is not None else None
-                if eta is None:
-                    eta = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
-                eta = eta.to(device=x0.device, dtype=x0.dtype)
-                draws.append(eta)
-                x = renoise(x0, eta, self.sigmas[s + 1])
+        self._run_sampler(state, noise, step_noise, generator, record=(inputs, predictions, draws))
         return ChunkTrajectory(
             chunk_index=len(state.chunks),
             frame_start=state.frame_offset,
@@ -644,8 +632,48 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             sigmas=torch.tensor(self.sigmas),
             inputs=torch.stack(inputs),
             predictions=torch.stack(predictions),
-            noise=torch.stack(draws) if draws else x.new_zeros(0, *x.shape),
+            noise=torch.stack(draws) if draws else inputs[0].new_zeros(0, *inputs[0].shape),
         )
+
+    @torch.no_grad()
+    def sample_chunk(
+        self,
+        state: CausalGenerationState,
+        noise: torch.Tensor,
+        *,
+        step_noise: Sequence[torch.Tensor | None] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """:meth:`denoise_chunk`'s clean latents ``[B, C, f, H, W]`` (the same values) without keeping the steps: only
+        the current step's tensors are alive, as in the original sampler."""
+        return self._run_sampler(state, noise, step_noise, generator)
+
+    def _run_sampler(
+        self,
+        state: CausalGenerationState,
+        noise: torch.Tensor,
+        step_noise: Sequence[torch.Tensor | None] | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        record: tuple[list, list, list] | None = None,
+    ) -> torch.Tensor:
+        """The few-step sampler on one chunk; returns the last x̂0. With ``record`` (three lists), every step's input,
+        x̂0 and re-noise draw are appended to them."""
+        num_steps = len(self.timesteps)
+        x = noise.float()
+        for s in range(num_steps):
+            x0 = self.predict_x0(state, x, s)
+            if record is not None:
+                record[0].append(x)
+                record[1].append(x0)
+            if s < num_steps - 1:
+                eta = step_noise[s] if step_noise is not None and step_noise[s] is not None else None
+                if eta is None:
+                    eta = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+                eta = eta.to(device=x0.device, dtype=x0.dtype)
+                if record is not None:
+                    record[2].append(eta)
+                x = renoise(x0, eta, self.sigmas[s + 1])
+        return x0
 
     @torch.no_grad()
     def commit_chunk(
@@ -823,9 +851,15 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             for c in range(num_chunks):
                 frames = slice(c * chunk, (c + 1) * chunk)
                 draws = [step_noise.get((c, s)) for s in range(len(self.timesteps) - 1)]
-                record = self.denoise_chunk(state, latents[:, :, frames], step_noise=draws, generator=generator)
-                check_finite_latents(record.latents, f"chunk {c} of {num_chunks}")
-                chunk_latents = record.latents
+                if return_trajectory:
+                    record = self.denoise_chunk(state, latents[:, :, frames], step_noise=draws, generator=generator)
+                    trajectory.append(record)
+                    chunk_latents = record.latents
+                else:
+                    chunk_latents = self.sample_chunk(
+                        state, latents[:, :, frames], step_noise=draws, generator=generator
+                    )
+                check_finite_latents(chunk_latents, f"chunk {c} of {num_chunks}")
                 if callback_on_step_end is not None:
                     video = torch.cat([*state.chunks, chunk_latents, latents[:, :, frames.stop :]], dim=2)
                     tensors = {"latents": video}
@@ -834,8 +868,6 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                     chunk_latents = latents[:, :, frames]
                 last = c == num_chunks - 1 or self.interrupt
                 self.commit_chunk(state, chunk_latents, update_cache=not last, generator=generator)
-                if return_trajectory:
-                    trajectory.append(record)
                 progress_bar.update()
                 if self.interrupt:
                     break
