@@ -36,6 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .models.kv_cache import attended_frames
+from .utils.video_size import nearest_valid, whole_chunk_frames
 
 __all__ = [
     "GeneratorSpec",
@@ -565,12 +566,12 @@ class _Geometry:
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
-        if self.latent_frames % self.chunk_frames:
+        first, step = whole_chunk_frames(temporal, self.chunk_frames)
+        if self.run.num_frames < first or (self.run.num_frames - first) % step:
             raise ValueError(
-                f"`num_frames` ({self.run.num_frames}) gives {self.latent_frames} latent frames on this generator "
-                f"(VAE temporal stride {temporal}), not whole chunks of {self.chunk_frames}: use "
-                f"{temporal * (self.chunk_frames * max(1, self.num_chunks) - 1) + 1} frames or another whole number "
-                "of chunks."
+                f"`num_frames` ({self.run.num_frames}) does not split into whole chunks of this generator (VAE "
+                f"temporal stride {temporal}, {self.chunk_frames} latent frames per chunk): use "
+                f"{nearest_valid(self.run.num_frames, first, step)} frames."
             )
         if self.run.pivots and max(self.run.pivots) >= self.num_chunks:
             raise ValueError(

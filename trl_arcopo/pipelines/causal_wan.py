@@ -28,6 +28,7 @@ from ..models.kv_cache import (
     tokens_per_frame,
 )
 from ..models.self_forcing import SELF_FORCING_FILENAME, SELF_FORCING_REPO_ID, load_self_forcing_transformer
+from ..utils.video_size import nearest_valid, whole_chunk_frames
 from .sampler import few_step_schedule, predict_x0, renoise
 
 __all__ = [
@@ -118,14 +119,6 @@ class CausalWanPipelineOutput(BaseOutput):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _nearest(value: int, first: int, step: int) -> str:
-    """The values ``first + step·k`` (``k >= 0``) on either side of ``value``, e.g. ``"9 or 21"``."""
-    if value < first:
-        return str(first)
-    lower = first + (value - first) // step * step
-    return f"{lower} or {lower + step}"
 
 
 def _collapse_whitespace(text: str) -> str:
@@ -402,11 +395,11 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
             if not _is_int(value):
                 raise ValueError(f"`{name}` ({value!r}) must be an integer.")
         t_scale, chunk = self.vae_scale_factor_temporal, self.config.num_frame_per_block
-        step, first = t_scale * chunk, t_scale * (chunk - 1) + 1
+        first, step = whole_chunk_frames(t_scale, chunk)
         if num_frames < first or (num_frames - first) % step:
             raise ValueError(
                 f"`num_frames` ({num_frames}) does not split into whole chunks of this pipeline (VAE temporal "
-                f"stride {t_scale}, {chunk} latent frames per chunk): use {_nearest(num_frames, first, step)} (any "
+                f"stride {t_scale}, {chunk} latent frames per chunk): use {nearest_valid(num_frames, first, step)} (any "
                 f"{first} + {step}·k)."
             )
         patch_h, patch_w = self.transformer.config.patch_size[1:]
@@ -416,7 +409,7 @@ class CausalWanPipeline(DiffusionPipeline, WanLoraLoaderMixin):
                 raise ValueError(
                     f"`{name}` ({value}) must be a positive multiple of {multiple} for this pipeline (VAE spatial "
                     f"stride {self.vae_scale_factor_spatial}, {patch_h}x{patch_w} patches): use "
-                    f"{_nearest(value, multiple, multiple)}."
+                    f"{nearest_valid(value, multiple, multiple)}."
                 )
 
     def check_inputs(

@@ -25,6 +25,7 @@ from trl import TrlParser
 
 from trl_arcopo.rewards.registry import check_reward_name
 from trl_arcopo.utils.arguments import ArgumentParser, StrictParserMixin, fail
+from trl_arcopo.utils.video_size import whole_chunk_frames
 
 if TYPE_CHECKING:
     import torch
@@ -215,8 +216,7 @@ def check_video_size(
     if geometry is None:
         return
     frames_per_latent, latents_per_chunk, pixel_multiple = geometry
-    first = frames_per_latent * (latents_per_chunk - 1) + 1 if frames_per_latent > 1 else latents_per_chunk
-    step = frames_per_latent * latents_per_chunk
+    first, step = whole_chunk_frames(frames_per_latent, latents_per_chunk)
     if num_frames < first or (num_frames - first) % step:
         lower = max(first, num_frames - (num_frames - first) % step)
         fail(

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, UMT5EncoderModel, get_cosine_schedule_with_warmup
 
 from ..pipelines.causal_wan import CausalWanPipeline
+from ..utils.video_size import whole_chunk_frames
 from .components import TOY_PIPELINE_CONFIG, TOY_VAE_STRIDES, toy_transformer_config, toy_vae
 from .text import toy_text_encoder, toy_tokenizer
 from .world import caption, render, sample_scene
@@ -111,8 +112,9 @@ class ToyTrainingConfig:
                 f"`height` and `width` must be positive multiples of {multiple}, got {self.height}x{self.width}."
             )
         chunk = TOY_PIPELINE_CONFIG["num_frame_per_block"]
-        if self.num_frames < 1 or (self.num_frames - 1) % temporal or ((self.num_frames - 1) // temporal + 1) % chunk:
-            valid = ", ".join(str(temporal * (chunk * k - 1) + 1) for k in (1, 2, 3, 4))
+        first, step = whole_chunk_frames(temporal, chunk)
+        if self.num_frames < first or (self.num_frames - first) % step:
+            valid = ", ".join(str(first + step * k) for k in range(4))
             raise ValueError(
                 f"`num_frames` must make whole chunks of latent frames ({valid}, ...), got {self.num_frames}."
             )
