@@ -16,6 +16,23 @@ def fixture_dir() -> Path:
     return Path(__file__).resolve().parent / "fixtures"
 
 
+@pytest.fixture(scope="module")
+def bench_real_arch():
+    """`benchmarks/bench_real_arch.py` as a module (its folder on `sys.path` for its sibling imports meanwhile)."""
+    import importlib.util
+    import sys
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_real_arch", benchmarks / "bench_real_arch.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(benchmarks))
+
+
 @pytest.fixture(scope="session")
 def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty Hugging Face Hub cache directory for this test session (one per xdist worker)."""

@@ -7,34 +7,16 @@ path is checked at tiny size below. VideoAlign's real-size model is built (on th
 `test_videoalign_2b_builds_from_the_released_config`; scoring with it at real size takes minutes on CPU
 (`benchmarks/bench_real_arch.py`, docs/benchmarks.md)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_real_arch", BENCHMARKS / "bench_real_arch.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
 
 @pytest.mark.slow
-def test_self_forcing_1_3b_trains_one_step(bench, tmp_path):
+def test_self_forcing_1_3b_trains_one_step(bench_real_arch, tmp_path):
     from trl_arcopo import CausalWanPipeline
 
     hub = tmp_path / "hub"
-    bench.write_hub_cache(hub, torch.bfloat16, bench.MODELS["real"])
+    bench_real_arch.write_hub_cache(hub, torch.bfloat16, bench_real_arch.MODELS["real"])
     pipe = CausalWanPipeline.from_self_forcing(cache_dir=hub, dtype=torch.float32)
     transformer = pipe.transformer
     assert len(transformer.blocks) == 30
@@ -90,11 +72,11 @@ def test_a_bfloat16_generator_trains_one_step_with_float32_lora(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*meta parameter:UserWarning")
-def test_videoalign_2b_builds_from_the_released_config(bench):
+def test_videoalign_2b_builds_from_the_released_config(bench_real_arch):
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):  # the config and module path only: weights on the meta device
-        reward = bench.videoalign_reward(torch.bfloat16)
+        reward = bench_real_arch.videoalign_reward(torch.bfloat16)
     config = reward.model.config
     assert config.get_text_config().hidden_size == 1536 and config.get_text_config().num_hidden_layers == 28
     assert config.vision_config.depth == 32
