@@ -9,7 +9,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .world import HELD_OUT_PAIRS, ToyObject, ToyScene, caption, layout, parse, render, sample_captions, sample_scene
+from .world import (
+    HELD_OUT_PAIRS,
+    ToyObject,
+    ToyScene,
+    caption,
+    coverage,
+    layout,
+    parse,
+    render,
+    sample_captions,
+    sample_scene,
+)
 
 if TYPE_CHECKING:
     from ..scripts.utils import TOY_TRAINING_ARGS
@@ -27,6 +38,7 @@ __all__ = sorted(
         "ToyObject",
         "ToyScene",
         "caption",
+        "coverage",
         "layout",
         "parse",
         "render",

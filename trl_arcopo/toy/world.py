@@ -36,6 +36,7 @@ __all__ = [
     "ToyObject",
     "ToyScene",
     "caption",
+    "coverage",
     "layout",
     "parse",
     "render",
@@ -409,23 +410,50 @@ def _color_over_time(obj: ObjectLayout, num_frames: int) -> torch.Tensor:
     return start + (end - start) * w[:, None]
 
 
-def _render_one(scene: SceneLayout, height: int, width: int) -> torch.Tensor:
+def _object_alphas(scene: SceneLayout, height: int, width: int):
+    """Yield each object with its anti-aliased coverage ``[F, 1, H, W]`` in [0, 1] (one pixel of anti-aliasing)."""
     num_frames = scene.num_frames
     rows = (torch.arange(height, dtype=torch.float32) + 0.5).view(1, height, 1)
     cols = (torch.arange(width, dtype=torch.float32) + 0.5).view(1, 1, width)
-    top = torch.tensor(scene.background_top).view(3, 1, 1)
-    bottom = torch.tensor(scene.background_bottom).view(3, 1, 1)
-    blend = (rows / height).view(1, height, 1)
-    video = (top + (bottom - top) * blend).expand(num_frames, 3, height, width).clone()
     scale = min(height, width)
     for obj in scene.objects:
         cx = torch.as_tensor(obj.x, dtype=torch.float32).view(num_frames, 1, 1) * width
         cy = torch.as_tensor(obj.y, dtype=torch.float32).view(num_frames, 1, 1) * height
         sdf = _signed_distance(obj.shape, cols - cx, rows - cy, torch.tensor(obj.radius * scale))
-        alpha = (0.5 - sdf).clamp(0, 1).unsqueeze(1)  # [F, 1, H, W], one pixel of anti-aliasing
+        yield obj, (0.5 - sdf).clamp(0, 1).unsqueeze(1)
+
+
+def _render_one(scene: SceneLayout, height: int, width: int) -> torch.Tensor:
+    num_frames = scene.num_frames
+    top = torch.tensor(scene.background_top).view(3, 1, 1)
+    bottom = torch.tensor(scene.background_bottom).view(3, 1, 1)
+    blend = ((torch.arange(height, dtype=torch.float32) + 0.5) / height).view(1, height, 1)
+    video = (top + (bottom - top) * blend).expand(num_frames, 3, height, width).clone()
+    for obj, alpha in _object_alphas(scene, height, width):
         color = _color_over_time(obj, num_frames).view(num_frames, 3, 1, 1)
         video = video * (1 - alpha) + color * alpha
     return video
+
+
+def _check_size(num_frames: int, height: int, width: int) -> None:
+    if num_frames < 1 or height < 1 or width < 1:
+        raise ValueError(f"num_frames, height and width must be >= 1, got {num_frames}, {height}, {width}.")
+
+
+def _layouts(scenes, num_frames: int, seed: int | Sequence[int]) -> list[SceneLayout]:
+    if isinstance(scenes, (str, ToyScene, SceneLayout)):
+        scenes = [scenes]
+    seeds = [seed + i for i in range(len(scenes))] if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(scenes):
+        raise ValueError(f"Got {len(seeds)} seeds for {len(scenes)} scenes.")
+    layouts = [
+        scene if isinstance(scene, SceneLayout) else layout(scene, num_frames, s)
+        for scene, s in zip(scenes, seeds, strict=True)
+    ]
+    for resolved in layouts:
+        if resolved.num_frames != num_frames:
+            raise ValueError(f"A layout of {resolved.num_frames} frames cannot be rendered with {num_frames} frames.")
+    return layouts
 
 
 def render(
@@ -447,17 +475,28 @@ def render(
     Returns:
         ``[B, F, 3, H, W]`` float32 in ``[0, 1]``.
     """
-    if isinstance(scenes, (str, ToyScene, SceneLayout)):
-        scenes = [scenes]
-    seeds = [seed + i for i in range(len(scenes))] if isinstance(seed, int) else list(seed)
-    if len(seeds) != len(scenes):
-        raise ValueError(f"Got {len(seeds)} seeds for {len(scenes)} scenes.")
-    if num_frames < 1 or height < 1 or width < 1:
-        raise ValueError(f"num_frames, height and width must be >= 1, got {num_frames}, {height}, {width}.")
-    videos = []
-    for scene, s in zip(scenes, seeds, strict=True):
-        resolved = scene if isinstance(scene, SceneLayout) else layout(scene, num_frames, s)
-        if resolved.num_frames != num_frames:
-            raise ValueError(f"A layout of {resolved.num_frames} frames cannot be rendered with {num_frames} frames.")
-        videos.append(_render_one(resolved, height, width))
-    return torch.stack(videos).clamp(0, 1)
+    _check_size(num_frames, height, width)
+    return torch.stack([_render_one(scene, height, width) for scene in _layouts(scenes, num_frames, seed)]).clamp(0, 1)
+
+
+def coverage(
+    scenes: Sequence[ToyScene | str | SceneLayout] | ToyScene | str,
+    num_frames: int = 33,
+    height: int = 64,
+    width: int = 64,
+    seed: int | Sequence[int] = 0,
+) -> torch.Tensor:
+    """How much of each pixel the objects of :func:`render`'s videos cover (same arguments, same layouts).
+
+    Returns:
+        ``[B, F, H, W]`` float32 in ``[0, 1]``: 0 on the background, 1 inside an object, fractional on the
+        anti-aliased edges.
+    """
+    _check_size(num_frames, height, width)
+    masks = []
+    for scene in _layouts(scenes, num_frames, seed):
+        covered = torch.zeros(num_frames, 1, height, width)
+        for _, alpha in _object_alphas(scene, height, width):
+            covered = torch.maximum(covered, alpha)
+        masks.append(covered.squeeze(1))
+    return torch.stack(masks)
