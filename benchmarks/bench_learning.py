@@ -69,12 +69,12 @@ QUICK_TRAINING_ARGUMENTS = {"num_generations": 4, "num_anchors": 2}
 
 
 def _channel_excess(channel: int) -> Callable:
-    """How much channel `channel` exceeds the mean of the other two, averaged over pixels and frames: `[B]` from
-    videos `[B, F, 3, H, W]` in [0, 1], differentiable."""
+    """`trl_arcopo.rewards.channel_excess` for one channel (0: the registered `redness` reward), imported when called."""
 
     def score(videos):
-        others = [c for c in range(3) if c != channel]
-        return (videos[:, :, channel] - videos[:, :, others].mean(2)).mean(dim=(1, 2, 3))
+        from trl_arcopo.rewards import channel_excess
+
+        return channel_excess(videos, channel)
 
     return score
 

@@ -15,9 +15,11 @@ from trl_arcopo.rewards import (
     RewardFunctionError,
     RewardOutputError,
     brightness_reward,
+    channel_excess,
     colorfulness_reward,
     compute_rewards,
     normalize_reward_output,
+    redness_reward,
     reward_column_weights,
     reward_name,
     reward_names,
@@ -104,6 +106,18 @@ def test_brightness_hand_computed():
     assert brightness_reward(["a", "b"], solid([[0, 0, 0]]).repeat(2, 1, 1, 1, 1)) == [0.0, 0.0]
 
 
+def test_redness_hand_computed_and_differentiable():
+    colors = [[1, 0, 0], [0, 1, 1], [0.5, 0.5, 0.5], [1, 0.5, 0]]
+    assert redness_reward(["p"] * 4, torch.cat([solid([c]) for c in colors])) == pytest.approx([1, -1, 0, 0.75])
+    video = solid([[0.2, 0.2, 0.2]]).repeat(1, 2, 1, 1, 1)
+    video[:, 0, 0] = 1.0  # the first frame's red channel only
+    assert redness_reward(["p"], video) == pytest.approx([0.4], abs=1e-6)
+    x = torch.rand(2, 3, 3, 4, 4, requires_grad=True)
+    channel_excess(x, 0).sum().backward()
+    assert torch.allclose(x.grad[:, :, 0], torch.full((2, 3, 4, 4), 1 / 48))
+    assert torch.allclose(x.grad[:, :, 1:], torch.full((2, 3, 2, 4, 4), -0.5 / 48))
+
+
 def test_sharpness_hand_computed():
     # 4x4 one-pixel checkerboard: the 2x2 valid Laplacian is ±4 (two of each) -> variance 16 -> 1600
     assert sharpness_reward(["p"], gray_frames([checkerboard(4)])) == pytest.approx([1600.0], rel=1e-5)
@@ -175,11 +189,23 @@ def test_builtin_range_and_return_type(name):
     scores = func(prompts_for(videos), videos)
     assert isinstance(scores, list) and len(scores) == 5
     assert all(type(s) is float and math.isfinite(s) for s in scores)
-    bounds = {"temporal_flicker": (0, 1), "brightness": (0, 1), "colorfulness": (0, 3), "sharpness": (0, 1600)}
+    bounds = {
+        "temporal_flicker": (0, 1),
+        "brightness": (0, 1),
+        "colorfulness": (0, 3),
+        "redness": (-1, 1),
+        "sharpness": (0, 1600),
+    }
     low, high = bounds[name]
     assert all(low <= s <= high for s in scores)
     # black and white videos are static, gray, flat
-    expected_constant = {"temporal_flicker": (1, 1), "brightness": (0, 1), "colorfulness": (0, 0), "sharpness": (0, 0)}
+    expected_constant = {
+        "temporal_flicker": (1, 1),
+        "brightness": (0, 1),
+        "colorfulness": (0, 0),
+        "redness": (0, 0),
+        "sharpness": (0, 0),
+    }
     assert scores[3:] == pytest.approx(list(expected_constant[name]), abs=1e-6)
 
 
@@ -226,6 +252,7 @@ def test_builtin_registry():
         "temporal_flicker": temporal_flicker_reward,
         "colorfulness": colorfulness_reward,
         "brightness": brightness_reward,
+        "redness": redness_reward,
         "sharpness": sharpness_reward,
     }
     for func in ALL_BUILTINS:

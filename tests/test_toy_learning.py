@@ -54,7 +54,7 @@ def _gain(tmp_path, reward: str, **overrides) -> tuple[float, float, list[float]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reward", ["toy_size"])
+@pytest.mark.parametrize("reward", ["redness"])
 def test_arcopo_raises_a_toy_reward_and_lr0_does_not(tmp_path, reward):
     gain, se, rewards = _gain(tmp_path / "trained", reward)
     assert gain > 3 * se, (gain, se, rewards)

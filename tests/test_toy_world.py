@@ -36,6 +36,7 @@ from trl_arcopo.toy.world import (
     ToyObject,
     ToyScene,
     caption,
+    coverage,
     layout,
     parse,
     render,
@@ -109,6 +110,21 @@ def test_render_errors():
         render(["a circle"], num_frames=0)
     with pytest.raises(ValueError, match="cannot be rendered with 9 frames"):
         render([layout("a circle", 17, seed=0)], num_frames=9)
+
+
+def test_coverage_marks_the_rendered_objects():
+    scenes = ["a large red circle moving left and a small blue square bouncing on a black background", "a triangle"]
+    layouts = [layout(scene, 6, seed=i) for i, scene in enumerate(scenes)]
+    videos, covered = render(layouts, 6, 32, 32), coverage(layouts, 6, 32, 32)
+    assert covered.shape == (2, 6, 32, 32) and covered.min() >= 0 and covered.max() <= 1
+    empty = render([replace(scene, objects=()) for scene in layouts], 6, 32, 32)
+    changed = (videos - empty).abs().amax(2) > 1e-6
+    assert torch.equal(changed, covered > 0)  # every pixel an object changes is covered, and no other
+    inside = covered == 1
+    assert inside.any(dim=(2, 3)).all()
+    assert torch.equal(coverage(scenes, 6, 32, 32, seed=0), covered)  # same layouts from captions and seeds
+    with pytest.raises(ValueError, match="2 seeds for 1 scenes"):
+        coverage(["a circle"], seed=[1, 2])
 
 
 def test_objects_stay_in_the_frame():

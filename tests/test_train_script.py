@@ -44,7 +44,7 @@ def test_main_job_saves_a_loadable_lora_and_its_model_card(main_job):
     assert lora and all(key.startswith("transformer.") and "lora" in key for key in lora)
     assert any(value.abs().sum() > 0 for key, value in lora.items() if "lora_B" in key)  # it trained
     card = (output_dir / "README.md").read_text()
-    assert "arcopo" in card and "text-to-video" in card and "toy_size" in card
+    assert "arcopo" in card and "text-to-video" in card and "redness" in card
     assert "load_toy_pipeline()" in card  # the base model, as a user builds it
 
 

@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     from .builtin import (
         BUILTIN_REWARDS,
         brightness_reward,
+        channel_excess,
         colorfulness_reward,
+        redness_reward,
         sharpness_reward,
         temporal_flicker_reward,
     )
@@ -39,7 +41,9 @@ if TYPE_CHECKING:
 _LAZY_EXPORTS = {
     "BUILTIN_REWARDS": ".builtin",
     "brightness_reward": ".builtin",
+    "channel_excess": ".builtin",
     "colorfulness_reward": ".builtin",
+    "redness_reward": ".builtin",
     "sharpness_reward": ".builtin",
     "temporal_flicker_reward": ".builtin",
     "AestheticReward": ".clip",
@@ -84,6 +88,7 @@ __all__ = [
     "VideoAlignReward",
     "available_rewards",
     "brightness_reward",
+    "channel_excess",
     "colorfulness_reward",
     "compute_rewards",
     "is_column_of",
@@ -92,6 +97,7 @@ __all__ = [
     "register_reward",
     "reward_column_weights",
     "reward_name",
+    "redness_reward",
     "reward_names",
     "sharpness_reward",
     "temporal_flicker_reward",

@@ -22,7 +22,9 @@ from .protocol import _validate_inputs
 __all__ = [
     "BUILTIN_REWARDS",
     "brightness_reward",
+    "channel_excess",
     "colorfulness_reward",
+    "redness_reward",
     "sharpness_reward",
     "temporal_flicker_reward",
 ]
@@ -101,6 +103,23 @@ def brightness_reward(prompts: Sequence[str], videos: torch.Tensor, **kwargs: An
     return _to_list(score.clamp(0.0, 1.0))
 
 
+def channel_excess(videos: torch.Tensor, channel: int) -> torch.Tensor:
+    """How much one RGB channel exceeds the mean of the other two, averaged over pixels and frames: ``[B]`` from
+    videos ``[B, F, 3, H, W]`` in [0, 1], in [-1, 1] and differentiable (the tensor core of :func:`redness_reward`)."""
+    others = [c for c in range(3) if c != channel]
+    return (videos[:, :, channel] - videos[:, :, others].mean(2)).mean(dim=(1, 2, 3))
+
+
+def redness_reward(prompts: Sequence[str], videos: torch.Tensor, **kwargs: Any) -> list[float]:
+    """How red the video is: ``R - (G + B) / 2`` averaged over all pixels and frames, ∈ [-1, 1]; higher = redder.
+
+    Pure red scores 1, grey and white 0, cyan -1. It sees the whole frame, so a red background scores as well as red
+    objects (on the toy generator AR-CoPO first turns the objects red, then the background: a visible case of
+    reward hacking).
+    """
+    return _to_list(channel_excess(_float_videos(prompts, videos), 0))
+
+
 def sharpness_reward(prompts: Sequence[str], videos: torch.Tensor, **kwargs: Any) -> list[float]:
     """Variance of the Laplacian of the luma, averaged over frames, ×100; higher = sharper (more fine detail).
 
@@ -127,5 +146,6 @@ BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {
     "temporal_flicker": temporal_flicker_reward,
     "colorfulness": colorfulness_reward,
     "brightness": brightness_reward,
+    "redness": redness_reward,
     "sharpness": sharpness_reward,
 }

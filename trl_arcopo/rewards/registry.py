@@ -6,7 +6,7 @@
 >>> load_reward("yuvalkirstain/PickScore_v1", revision="main")  # the same, the repo id passed as the repo to load
 >>> load_reward("https://rewards.example.com", token=...)      # RemoteReward(url, token=...)
 
-Known names: the built-in rewards (``temporal_flicker``, ``colorfulness``, ``brightness``, ``sharpness``, also with
+Known names: the built-in rewards (``temporal_flicker``, ``colorfulness``, ``brightness``, ``redness``, ``sharpness``, also with
 a ``_reward`` suffix), the toy-world rewards (``toy_adherence``, ``toy_color``, ``toy_size``, ``toy_position``,
 ``toy_smoothness``; options such as ``color="blue"`` go to their constructors), ``videoalign``, ``pickscore``,
 ``clipscore``, ``aesthetic`` and ``remote``. Add your own with :func:`register_reward`. Nothing here turns
@@ -26,7 +26,7 @@ __all__ = ["available_rewards", "check_reward_name", "load_reward", "register_re
 
 _URL_PREFIXES = ("http://", "https://")
 # The keys of `.builtin.BUILTIN_REWARDS`, registered without importing torch (a test keeps them in sync).
-_BUILTIN_NAMES = ("temporal_flicker", "colorfulness", "brightness", "sharpness")
+_BUILTIN_NAMES = ("temporal_flicker", "colorfulness", "brightness", "redness", "sharpness")
 # Options of the model rewards that a built-in accepts and ignores (it has no weights and computes on the device of
 # its videos), so that e.g. `trl-arcopo-reward-server --device` works with every reward.
 _BUILTIN_OPTIONS = ("device", "dtype")

@@ -55,14 +55,14 @@ TINY_PROMPTS = [
 # Defaults of each preset (YAML keys and flags override them). The AR-CoPO hyper-parameters of the paper
 # (docs/method.md §12: G=12, σ=0.5, B=4, ε=1e-4, μ=2, LoRA 64/128, lr 1e-5, 81x480x832) are the `ARCoPOConfig` defaults.
 PRESETS: dict[str, dict] = {
-    # The trained toy-world generator (trl_arcopo.toy), with a reward a person sees at once: the objects grow.
+    # The trained toy-world generator (trl_arcopo.toy), with a reward a person sees at once: the videos turn red.
     "toy": {
         **TOY_TRAINING_ARGS,
         "output_dir": "outputs/arcopo-toy",
         "max_steps": 60,
         "save_steps": 30,
         "log_videos_steps": 30,
-        "reward_funcs": ["toy_size"],
+        "reward_funcs": ["redness"],
     },
     "tiny": {
         **TINY_TRAINING_ARGS,
