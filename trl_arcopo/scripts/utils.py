@@ -45,7 +45,7 @@ PRESET_GEOMETRY = {"toy": (1, 3, 8), "tiny": WAN_GEOMETRY, "self-forcing": WAN_G
 # its video size (9 frames = 3 chunks of its per-frame latents), groups and LoRA for 2 CPU cores, and what keeps the
 # optimisation healthy at this scale, chosen from measurements (docs/benchmarks.md, "AR-CoPO on the toy generator"):
 # the paper's epsilon 1e-4 would clip every reused update; training the first sampler step only (where the toy
-# sampler's candidates differ most: x̂0 spread 0.52, then 0.15-0.19) with epsilon 0.2 and lr 1e-3 keeps every
+# sampler's candidates differ most: x̂0 spread 0.42-0.52, then 0.07-0.19) with epsilon 0.2 and lr 1e-3 keeps every
 # reused-rollout update's ratio/mean within 4 % of 1 with at most 16 % of the ratios clipped (lr 3e-3: 78 % clipped;
 # 3e-4: ratios within 1 % and a third of the gain).
 TOY_TRAINING_ARGS: dict[str, Any] = {
