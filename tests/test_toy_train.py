@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from trl_arcopo import cli
@@ -54,6 +55,10 @@ def test_config_rejects_bad_sizes():
         ToyTrainingConfig(height=20)
     with pytest.raises(ValueError, match="ode_steps"):
         ToyTrainingConfig(ode_steps=10)
+    with pytest.raises(ValueError, match="first_chunk_fraction"):
+        ToyTrainingConfig(first_chunk_fraction=0.0)
+    with pytest.raises(ValueError, match="foreground_weight"):
+        ToyTrainingConfig(foreground_weight=-1.0)
 
 
 def test_ode_sample_records_the_sampler_states_and_converges(tmp_path):
@@ -110,6 +115,10 @@ def test_tiny_run_end_to_end_and_rerun_skips_finished_stages(tmp_path, monkeypat
     record = json.loads((tmp_path / "run" / "losses.json").read_text())
     assert set(record["seconds"]) == {"vae", "latents", "teacher", "ode", "student"}
     assert len(record["losses"]["teacher"]) == 2
+    # The teacher's loss weights: the objects' coverage of each latent pixel, stored with the latents.
+    data = load_file(tmp_path / "run" / "latents.safetensors")
+    assert data["foreground"].shape == (8, 6, 8, 8) == (*data["latents"].shape[:1], *data["latents"].shape[2:])
+    assert 0 < data["foreground"].mean() < 1 and data["foreground"].min() >= 0 and data["foreground"].max() <= 1
     assert (tmp_path / "run" / "loss_curves.png").exists()
     # A rerun with the same settings trains nothing again; other settings are refused.
     monkeypatch.setattr(toy_train, "train_vae", lambda *a: pytest.fail("the finished VAE stage ran again"))
