@@ -635,7 +635,7 @@ def test_bad_trainer_input(tmp_path, kwargs, message):
     [
         ({"num_frames": 12}, None),  # 12 latent frames = 4 chunks: what the toy generator was trained on
         ({"num_frames": 12, "pivot_strategy": "fixed", "pivot_index": 3}, None),
-        ({"num_frames": 12, "height": 24, "width": 40}, None),  # multiples of 8 (4x VAE, 2x2 patches)
+        ({"num_frames": 12, "height": 24, "width": 40}, None),  # multiples of 8 (2x VAE, 4x4 patches)
         (
             {"num_frames": 10},
             "`num_frames` (10) does not split into whole chunks of this pipeline (VAE temporal stride 1, 3 latent "
@@ -657,7 +657,7 @@ def test_video_size_is_checked_against_the_pipelines_vae(tmp_path, overrides, me
         return
     trainer = ARCoPOTrainer(load_toy_pipeline(), "toy_size", args=args, train_dataset=PROMPTS)
     frames, height, width = args.num_frames, args.height, args.width
-    assert (trainer.num_chunks, *trainer.latent_shape[1:]) == (frames // 3, frames, height // 4, width // 4)
+    assert (trainer.num_chunks, *trainer.latent_shape[1:]) == (frames // 3, frames, height // 2, width // 2)
 
 
 @pytest.mark.parametrize("name", ["train_dataset", "eval_dataset"])

@@ -85,7 +85,8 @@ class ToyTrainingConfig:
         default=4.0,
         metadata={
             "help": "Extra weight of the teacher's loss where objects are: each latent pixel weighs 1 + this x the "
-            "fraction of it the objects cover. Objects are ~16 % of the pixels and carry everything a caption says."
+            "fraction of it the objects cover. Objects are about a sixth of the pixels and carry everything a "
+            "caption says."
         },
     )
     first_chunk_fraction: float = field(
