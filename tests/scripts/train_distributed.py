@@ -1,7 +1,9 @@
 """A tiny AR-CoPO run launched by tests with `accelerate launch`: `... OUTPUT_DIR ddp|fsdp2 [RESUME_CHECKPOINT]`.
 
 Trains 2 steps (one rollout, two updates, a checkpoint after each) or resumes from RESUME_CHECKPOINT, exports the LoRA
-and writes `rank{i}.json` (logged rewards and pivots, world size, distributed type).
+and writes `rank{i}.json` (logged rewards and pivots, world size, distributed type). A `ddp` run also writes the sum of
+the rank's LoRA and evaluates 3 prompts, split unevenly over the processes and gathered, and the same 3 prompts on
+this process alone (`evaluate_pipeline`).
 
 Accelerate switches to FSDP only for accelerator backends: with `ACCELERATE_USE_CPU=1` it would silently run DDP. For
 `fsdp2` this script declares the gloo processes GPU-type before the `Accelerator` exists, so that `Accelerator.prepare`
@@ -19,6 +21,7 @@ from accelerate.utils import DistributedType
 from datasets import Dataset
 
 from trl_arcopo import ARCoPOConfig, ARCoPOTrainer
+from trl_arcopo.evaluation import evaluate_pipeline
 from trl_arcopo.testing import TINY_TRAINING_ARGS, tiny_causal_wan_pipeline
 
 transformers.logging.set_verbosity_error()
@@ -59,6 +62,22 @@ result = {
     "rewards": [h["reward"] for h in trainer.state.log_history if "reward" in h],
     "pivots": [h["rollout/pivot"] for h in trainer.state.log_history if "rollout/pivot" in h],
 }
+if strategy == "ddp":
+    state = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    result["lora_sum"] = sum(v.double().sum().item() for k, v in state.items() if "lora" in k)
+    eval_prompts = Dataset.from_dict({"prompt": ["a red car", "a blue sea", "a cat"]})
+    result["eval_reward"] = trainer.evaluate(eval_prompts)["eval_reward"]
+    local = evaluate_pipeline(
+        trainer.pipeline,
+        eval_prompts,
+        "brightness",
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        progress_bar=False,
+    )
+    result["local_eval_reward"] = local.means["brightness_reward"]
 with open(f"{output_dir}/rank{result['rank']}.json", "w") as f:
     json.dump(result, f)
 if torch.distributed.is_initialized():
