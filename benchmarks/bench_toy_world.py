@@ -5,7 +5,8 @@ colour/shape pair of ``HELD_OUT_PAIRS``, reported apart), the pipeline generates
 (:mod:`trl_arcopo.toy.detect`) reads it back:
 
 - **adherence**: the fraction of prompts whose stated colour, shape and motion direction the video shows, each with
-  its standard error (targets for the trained toy generator: colour and shape >= 80 %, direction >= 70 %);
+  its standard error (targets for the trained toy generator: colour and shape >= 80 %, direction >= 70 %); every
+  object a prompt states must show it, so the in-distribution prompts that name one object get rows of their own;
 - **diversity**: for ``--diversity_prompts`` prompts, ``--diversity_noises`` videos from different noises: the mean
   pairwise pixel distance (RMS over pixels) between videos of one prompt, and the standard deviation over noises of the
   largest detected object's mean position and radius, averaged over prompts (what the prompt leaves to the noise);
@@ -205,15 +206,15 @@ def write_strip(videos: torch.Tensor, path: Path, frames: int = 5) -> None:
 
 
 def table(results: dict) -> str:
-    lines = [f"{'':<22}{'colour':>16}{'shape':>16}{'direction':>16}"]
+    lines = [f"{'':<26}{'colour':>16}{'shape':>16}{'direction':>16}"]
     for source in ("generator", "renderer", "vae"):
-        for split in ("in_distribution", "held_out"):
+        for split in ("in_distribution", "one_object", "held_out"):
             cells = [results[source]["adherence"][split][name] for name in ADHERENCE]
             text = "".join(f"{c['rate']:>9.1%} ± {c['se']:>4.1%}" for c in cells)
-            lines.append(f"{source + ' ' + split.replace('_', '-'):<22}{text}")
+            lines.append(f"{source + ' ' + split.replace('_', '-'):<26}{text}")
     if "teacher_ode" in results:
         cells = [results["teacher_ode"][name] for name in ADHERENCE]
-        lines.append(f"{'teacher ODE samples':<22}" + "".join(f"{c['rate']:>9.1%} ± {c['se']:>4.1%}" for c in cells))
+        lines.append(f"{'teacher ODE samples':<26}" + "".join(f"{c['rate']:>9.1%} ± {c['se']:>4.1%}" for c in cells))
     lines.append("")
     lines.append(f"{'diversity':<22}{'pixel RMS':>12}{'x std':>10}{'y std':>10}{'radius std':>12}")
     for source in ("generator", "renderer"):
@@ -228,12 +229,14 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from trl_arcopo.toy.world import render
+    from trl_arcopo.toy.world import parse, render
 
     pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     texts, held_out = prompts(args.num_prompts, args.seed)
     in_distribution = [not flag for flag in held_out]
+    # Every stated object must be right: two-object prompts are harder, so one-object prompts get their own rows.
+    one_object = [keep and len(parse(text).objects) == 1 for text, keep in zip(texts, in_distribution, strict=True)]
     size = (args.num_frames, args.height, args.width)
     start = time.perf_counter()
     noise_seeds = [args.seed * 100_000 + i for i in range(len(texts))]
@@ -249,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         "generator": {
             "adherence": {
                 "in_distribution": adherence_rates(texts, generated, in_distribution),
+                "one_object": adherence_rates(texts, generated, one_object),
                 "held_out": adherence_rates(texts, generated, held_out),
             },
             "diversity": diversity(generate(pipe, repeated, seeds, args), args.diversity_noises),
@@ -256,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         "renderer": {
             "adherence": {
                 "in_distribution": adherence_rates(texts, rendered, in_distribution),
+                "one_object": adherence_rates(texts, rendered, one_object),
                 "held_out": adherence_rates(texts, rendered, held_out),
             },
             "diversity": diversity(render(repeated, *size, seed=seeds), args.diversity_noises),
@@ -264,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         "vae": {
             "adherence": {
                 "in_distribution": adherence_rates(texts, reconstructed, in_distribution),
+                "one_object": adherence_rates(texts, reconstructed, one_object),
                 "held_out": adherence_rates(texts, reconstructed, held_out),
             }
         },

@@ -532,7 +532,7 @@ def test_bench_toy_world_runs_on_an_untrained_pipeline(bench, tmp_path, monkeypa
     ]
     run = tmp_path / "toy-run"  # a toy-train folder's ODE samples: 3 normalised latent videos and their captions
     run.mkdir()
-    save_file({"latents": torch.randn(3, 16, 12, 8, 8)}, run / "ode_pairs.safetensors")
+    save_file({"latents": torch.randn(3, 16, 12, 16, 16)}, run / "ode_pairs.safetensors")
     (run / "ode_captions.json").write_text(json.dumps(["a red circle moving left"] * 3))
     args += ["--training_run", str(run)]
     results = bench.main([*args, "--json", str(tmp_path / "out.json"), "--write-figures"])
@@ -542,6 +542,10 @@ def test_bench_toy_world_runs_on_an_untrained_pipeline(bench, tmp_path, monkeypa
     cells = results["renderer"]["adherence"]["in_distribution"].values()  # 6 prompts (2 held out: too few to bound)
     assert all(cell["rate"] >= 0.75 for cell in cells if cell["n"]), results["renderer"]["adherence"]
     assert results["renderer"]["adherence"]["held_out"]["color"]["n"] == 2
+    # One-object rows: the in-distribution prompts that name one object (every stated object must be right).
+    texts, held_out = bench.prompts(8, 0)
+    single = [t for t, h in zip(texts, held_out, strict=True) if not h and len(parse(t).objects) == 1]
+    assert results["renderer"]["adherence"]["one_object"]["shape"]["n"] == len(single) > 0
     assert results["renderer"]["diversity"]["pixel_distance"] > 0.01
     assert results["generator"]["diversity"]["pixel_distance"] > 0
     assert math.isfinite(results["vae_psnr_db"])
