@@ -25,7 +25,7 @@ from trl import TrlParser
 
 from trl_arcopo.rewards.registry import check_reward_name
 from trl_arcopo.utils.arguments import ArgumentParser, StrictParserMixin, fail
-from trl_arcopo.utils.video_size import whole_chunk_frames
+from trl_arcopo.utils.video_size import nearest_valid, whole_chunk_frames
 
 if TYPE_CHECKING:
     import torch
@@ -225,9 +225,10 @@ def check_video_size(
         )
     for flag, value in (("--height", height), ("--width", width)):
         if value % pixel_multiple:
-            lower = value - value % pixel_multiple
-            nearest = " or ".join(str(n) for n in (lower, lower + pixel_multiple) if n > 0)
-            fail(f"{flag} {value} is not a multiple of {pixel_multiple}: use {nearest}")
+            fail(
+                f"{flag} {value} is not a multiple of {pixel_multiple}: use "
+                f"{nearest_valid(value, pixel_multiple, pixel_multiple)}"
+            )
 
 
 def check_reward_names(names: Sequence[str], flag: str) -> None:
