@@ -435,12 +435,10 @@ def _render_one(scene: SceneLayout, height: int, width: int) -> torch.Tensor:
     return video
 
 
-def _check_size(num_frames: int, height: int, width: int) -> None:
+def _layouts(scenes, num_frames: int, height: int, width: int, seed: int | Sequence[int]) -> list[SceneLayout]:
+    """The checked video size's layouts of :func:`render`'s / :func:`coverage`'s ``scenes`` (``seed`` as there)."""
     if num_frames < 1 or height < 1 or width < 1:
         raise ValueError(f"num_frames, height and width must be >= 1, got {num_frames}, {height}, {width}.")
-
-
-def _layouts(scenes, num_frames: int, seed: int | Sequence[int]) -> list[SceneLayout]:
     if isinstance(scenes, (str, ToyScene, SceneLayout)):
         scenes = [scenes]
     seeds = [seed + i for i in range(len(scenes))] if isinstance(seed, int) else list(seed)
@@ -475,8 +473,8 @@ def render(
     Returns:
         ``[B, F, 3, H, W]`` float32 in ``[0, 1]``.
     """
-    _check_size(num_frames, height, width)
-    return torch.stack([_render_one(scene, height, width) for scene in _layouts(scenes, num_frames, seed)]).clamp(0, 1)
+    layouts = _layouts(scenes, num_frames, height, width, seed)
+    return torch.stack([_render_one(scene, height, width) for scene in layouts]).clamp(0, 1)
 
 
 def coverage(
@@ -492,9 +490,8 @@ def coverage(
         ``[B, F, H, W]`` float32 in ``[0, 1]``: 0 on the background, 1 inside an object, fractional on the
         anti-aliased edges.
     """
-    _check_size(num_frames, height, width)
     masks = []
-    for scene in _layouts(scenes, num_frames, seed):
+    for scene in _layouts(scenes, num_frames, height, width, seed):
         covered = torch.zeros(num_frames, 1, height, width)
         for _, alpha in _object_alphas(scene, height, width):
             covered = torch.maximum(covered, alpha)
