@@ -28,7 +28,7 @@ SIZES = {
                {"num_frames": 33, "height": 64, "width": 96, "num_generations": 6, "num_anchors": 2,
                 "rollout_batch_size": 3, "transformer_gradient_checkpointing": True, "pivot_index": 2}),
     "bfloat16": ({**WIDE, "num_layers": 3}, {}, torch.bfloat16,
-                 {"num_frames": 21, "height": 64, "width": 64, "num_generations": 4, "num_anchors": 4,
+                 {"num_frames": 21, "height": 64, "width": 64, "num_generations": 4, "num_anchors": 2,
                   "transformer_gradient_checkpointing": True, "pivot_index": 0}),
 }  # fmt: skip
 

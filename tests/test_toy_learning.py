@@ -40,13 +40,12 @@ def _scores(pipe, reward: str, config: ARCoPOConfig) -> torch.Tensor:
     return torch.tensor(list(result.table[column]), dtype=torch.float64)
 
 
-def _gain(tmp_path, reward: str, **overrides) -> tuple[float, float, list[float]]:
-    """Paired gain of `reward` on the evaluation prompts after a short run: mean, standard error, rollout rewards."""
+def _gain(tmp_path, reward: str, before: torch.Tensor, **overrides) -> tuple[float, float, list[float]]:
+    """Paired gain of `reward` on the evaluation prompts after a short run (`before`: the base pipeline's scores):
+    mean, standard error, rollout rewards."""
     config = _config(tmp_path, **overrides)
-    pipe = load_toy_pipeline()
-    before = _scores(pipe, reward, config)
     transformers.set_seed(0)
-    trainer = ARCoPOTrainer(pipe, reward, args=config, train_dataset=TRAIN_PROMPTS)
+    trainer = ARCoPOTrainer(load_toy_pipeline(), reward, args=config, train_dataset=TRAIN_PROMPTS)
     trainer.train()
     gains = _scores(trainer.pipeline, reward, config) - before
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
@@ -56,9 +55,10 @@ def _gain(tmp_path, reward: str, **overrides) -> tuple[float, float, list[float]
 @pytest.mark.slow
 @pytest.mark.parametrize("reward", ["redness"])
 def test_arcopo_raises_a_toy_reward_and_lr0_does_not(tmp_path, reward):
-    gain, se, rewards = _gain(tmp_path / "trained", reward)
+    before = _scores(load_toy_pipeline(), reward, _config(tmp_path))
+    gain, se, rewards = _gain(tmp_path / "trained", reward, before)
     assert gain > 3 * se, (gain, se, rewards)
     # The LoRA starts as the identity (lora_B = 0) and, at learning rate 0, never moves: the same videos, exactly
-    # (a few steps show it as well as the whole budget would).
-    frozen_gain, frozen_se, _ = _gain(tmp_path / "frozen", reward, learning_rate=0.0, max_steps=4)
+    # (two updates show it as well as the whole budget would).
+    frozen_gain, frozen_se, _ = _gain(tmp_path / "frozen", reward, before, learning_rate=0.0, max_steps=2)
     assert frozen_gain == 0.0 and frozen_se == 0.0
