@@ -5,9 +5,8 @@ Every requirement must have exactly one `>=` floor: `.ci/check_floors` installs 
 
 import re
 import sys
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
 requirements = project["dependencies"] + [

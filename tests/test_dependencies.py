@@ -4,12 +4,9 @@ import ast
 import re
 import subprocess
 import sys
+import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
-
-import pytest
-
-tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ (`.ci/floor_pins.py` reads pyproject.toml with it)")
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]

@@ -140,7 +140,7 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     while True:  # bodies without Content-Length (chunked) are counted as they arrive
         try:
             message = await asyncio.wait_for(request.receive(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise HTTPException(408, detail=f"no part of the request body arrived for {timeout:g} s.") from None
         if message["type"] == "http.disconnect":  # nobody reads the answer: a status for the access log
             raise HTTPException(400, detail="the client disconnected before the end of the body.")
