@@ -130,7 +130,7 @@ def test_two_processes_through_the_cli_launcher(tmp_path, free_port):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     launch = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
     launch += ["--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port)]
-    script = ["--preset", "tiny", "--max_steps", "4", "--num_generations", "4", "--num_anchors", "2"]
+    script = ["--preset", "tiny", "--max_steps", "2", "--num_generations", "4", "--num_anchors", "2"]
     script += ["--output_dir", str(tmp_path), "--save_strategy", "no", "--log_videos_steps", "0"]
     command = [sys.executable, "-m", "trl_arcopo.cli", "train", *launch, *script, "--disable_tqdm", "true"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -138,7 +138,7 @@ def test_two_processes_through_the_cli_launcher(tmp_path, free_port):
     assert (tmp_path / "pytorch_lora_weights.safetensors").is_file() and (tmp_path / "README.md").is_file()
     assert result.stdout.count("the base model vs the LoRA") == 1  # written by the main process only
     args = json.loads((tmp_path / "training_args.json").read_text())
-    assert args["num_generations"] == 4 and args["max_steps"] == 4
+    assert args["num_generations"] == 4 and args["max_steps"] == 2
 
 
 def test_flags_override_the_preset_and_yaml_overrides_the_preset(tmp_path):
