@@ -127,12 +127,21 @@ def rate(values: list[bool]) -> dict[str, float]:
     return {"rate": p, "se": math.sqrt(p * (1 - p) / n) if n else math.nan, "n": n}
 
 
-def adherence_rates(texts: list[str], videos: torch.Tensor, mask: list[bool]) -> dict[str, dict[str, float]]:
+def adherence_rates(
+    texts: list[str], videos: torch.Tensor, splits: dict[str, list[bool]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per split (a mask over the prompts), the rate of each attribute of :data:`ADHERENCE` that ``videos`` show;
+    every video is detected once, whatever the splits it belongs to."""
     from trl_arcopo.toy.detect import adherence, detect
 
-    chosen = [i for i, keep in enumerate(mask) if keep]
-    results = [adherence(texts[i], d) for i, d in zip(chosen, detect(videos[chosen]), strict=True)]
-    return {name: rate([r[name] for r in results if r[name] is not None]) for name in ADHERENCE}
+    results = [adherence(text, d) for text, d in zip(texts, detect(videos), strict=True)]
+    return {
+        split: {
+            name: rate([r[name] for r, keep in zip(results, mask, strict=True) if keep and r[name] is not None])
+            for name in ADHERENCE
+        }
+        for split, mask in splits.items()
+    }
 
 
 @torch.no_grad()
@@ -146,7 +155,7 @@ def teacher_adherence(pipe, run: Path, count: int, batch_size: int) -> dict[str,
     videos = torch.cat(
         [pipe.decode(b.to(pipe.vae.device), output_type="pt").float().cpu() for b in latents.split(batch_size)]
     )
-    return adherence_rates(captions, videos, [True] * len(captions))
+    return adherence_rates(captions, videos, {"all": [True] * len(captions)})["all"]
 
 
 def diversity(videos: torch.Tensor, noises: int) -> dict[str, float]:
@@ -206,15 +215,17 @@ def write_strip(videos: torch.Tensor, path: Path, frames: int = 5) -> None:
 
 
 def table(results: dict) -> str:
+    def row(label: str, rates: dict[str, dict[str, float]]) -> str:
+        return f"{label:<26}" + "".join(
+            f"{rates[name]['rate']:>9.1%} ± {rates[name]['se']:>4.1%}" for name in ADHERENCE
+        )
+
     lines = [f"{'':<26}{'colour':>16}{'shape':>16}{'direction':>16}"]
     for source in ("generator", "renderer", "vae"):
-        for split in ("in_distribution", "one_object", "held_out"):
-            cells = [results[source]["adherence"][split][name] for name in ADHERENCE]
-            text = "".join(f"{c['rate']:>9.1%} ± {c['se']:>4.1%}" for c in cells)
-            lines.append(f"{source + ' ' + split.replace('_', '-'):<26}{text}")
+        for split, rates in results[source]["adherence"].items():
+            lines.append(row(f"{source} {split.replace('_', '-')}", rates))
     if "teacher_ode" in results:
-        cells = [results["teacher_ode"][name] for name in ADHERENCE]
-        lines.append(f"{'teacher ODE samples':<26}" + "".join(f"{c['rate']:>9.1%} ± {c['se']:>4.1%}" for c in cells))
+        lines.append(row("teacher ODE samples", results["teacher_ode"]))
     lines.append("")
     lines.append(f"{'diversity':<22}{'pixel RMS':>12}{'x std':>10}{'y std':>10}{'radius std':>12}")
     for source in ("generator", "renderer"):
@@ -237,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     in_distribution = [not flag for flag in held_out]
     # Every stated object must be right: two-object prompts are harder, so one-object prompts get their own rows.
     one_object = [keep and len(parse(text).objects) == 1 for text, keep in zip(texts, in_distribution, strict=True)]
+    splits = {"in_distribution": in_distribution, "one_object": one_object, "held_out": held_out}
     size = (args.num_frames, args.height, args.width)
     start = time.perf_counter()
     noise_seeds = [args.seed * 100_000 + i for i in range(len(texts))]
@@ -250,29 +262,15 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = [10**9 + i for i in range(len(repeated))]
     results = {
         "generator": {
-            "adherence": {
-                "in_distribution": adherence_rates(texts, generated, in_distribution),
-                "one_object": adherence_rates(texts, generated, one_object),
-                "held_out": adherence_rates(texts, generated, held_out),
-            },
+            "adherence": adherence_rates(texts, generated, splits),
             "diversity": diversity(generate(pipe, repeated, seeds, args), args.diversity_noises),
         },
         "renderer": {
-            "adherence": {
-                "in_distribution": adherence_rates(texts, rendered, in_distribution),
-                "one_object": adherence_rates(texts, rendered, one_object),
-                "held_out": adherence_rates(texts, rendered, held_out),
-            },
+            "adherence": adherence_rates(texts, rendered, splits),
             "diversity": diversity(render(repeated, *size, seed=seeds), args.diversity_noises),
         },
         # The autoencoder's ceiling: what the detector still reads after encoding and decoding perfect videos.
-        "vae": {
-            "adherence": {
-                "in_distribution": adherence_rates(texts, reconstructed, in_distribution),
-                "one_object": adherence_rates(texts, reconstructed, one_object),
-                "held_out": adherence_rates(texts, reconstructed, held_out),
-            }
-        },
+        "vae": {"adherence": adherence_rates(texts, reconstructed, splits)},
         "vae_psnr_db": psnr(reconstructed, rendered),
         "config": {
             **{k: v for k, v in vars(args).items() if k not in ("json", "write_figures")},
