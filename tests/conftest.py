@@ -1,4 +1,5 @@
-"""Shared pytest setup: offline Hub, reference fixtures, a per-session Hub cache."""
+"""Shared pytest setup: offline Hub, torch threads per xdist worker, reference fixtures, a per-session Hub cache, free
+ports and `accelerate launch` over loopback."""
 
 import os
 
@@ -13,6 +14,9 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -65,3 +69,37 @@ def free_port() -> int:
 def free_port_factory():
     """A function returning a free TCP port on loopback, for fixtures broader than one test."""
     return _free_port
+
+
+def _launch(args: list, port: int, *, machines: int = 1) -> list[str]:
+    """`accelerate launch` 2 CPU processes (gloo) in all over `machines` loopback "machines" (one command per machine
+    rank, run together), check they succeed and return each command's stdout.
+
+    A run whose worker was killed by a signal (gloo aborting a worker on a loaded 2-core machine, seen once in ~10
+    suite runs) is run once more on a fresh port; any other failure, or a second one, fails the test."""
+    launch = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2")
+    options = ("--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    for attempt in range(2):
+        commands = [
+            [*launch, *options, "--num_machines", str(machines), "--machine_rank", str(rank)]
+            + ["--main_process_port", str(port), *map(str, args)]
+            for rank in range(machines)
+        ]
+        jobs = [
+            subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands
+        ]
+        results = [(*job.communicate(timeout=600), job.returncode) for job in jobs]
+        if all(code == 0 for _, _, code in results):
+            return [stdout for stdout, _, _ in results]
+        killed = any(re.search(r"exitcode: -\d+", stderr) for _, stderr, _ in results)
+        if attempt or not killed:
+            break
+        port = _free_port()
+    raise AssertionError(next(stderr for _, stderr, code in results if code != 0)[-4000:])
+
+
+@pytest.fixture(scope="session")
+def accelerate_launch():
+    """A function that runs `accelerate launch` on CPU over loopback: `(args, port, *, machines=1) -> stdouts`."""
+    return _launch

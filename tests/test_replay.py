@@ -3,8 +3,6 @@
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -282,31 +280,12 @@ def test_processes_collect_disjoint_shares_that_merge_into_the_single_process_bu
 
 
 @pytest.mark.slow
-def test_collect_script_on_two_loopback_machines(tmp_path, free_port):
+def test_collect_script_on_two_loopback_machines(tmp_path, free_port, accelerate_launch):
     """`accelerate launch` over `--num_machines 2`, one process each (run here as two launches on 127.0.0.1): the
     processes collect disjoint shares that merge into the single-process buffer."""
     argv = ["--num_groups", "4", "--num_generations", "4"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    jobs = [
-        subprocess.Popen(
-            [
-                *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
-                *("--num_machines", "2", "--machine_rank", str(rank), "--mixed_precision", "no"),
-                *("--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port)),
-                *("-m", "trl_arcopo.scripts.collect", "--output_dir", str(tmp_path / "two"), *argv),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    stdouts = []
-    for job in jobs:
-        stdout, stderr = job.communicate(timeout=600)
-        assert job.returncode == 0, stderr[-4000:]
-        stdouts.append(stdout)
+    module = ["-m", "trl_arcopo.scripts.collect", "--output_dir", tmp_path / "two", *argv]
+    stdouts = accelerate_launch(module, free_port, machines=2)
     assert "4 rollout groups" in stdouts[0]
     # The groups are bit-identical; the rewards of the decoded videos only up to the order of the VAE's float sums,
     # which depends on the number of threads.
