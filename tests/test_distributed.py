@@ -1,7 +1,6 @@
 """ARCoPOTrainer under `accelerate launch` with 2 CPU processes over gloo: DDP, FSDP2, two loopback machines."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -47,17 +46,16 @@ def test_two_process_training_keeps_replicas_in_sync(ddp_run):
 
 @pytest.mark.slow
 def test_fsdp2_rolls_out_updates_resumes_and_exports_like_ddp(ddp_run, tmp_path, free_port_factory, accelerate_launch):
-    sharded = tmp_path / "fsdp2"
-    accelerate_launch([TRAIN, sharded, "fsdp2"], free_port_factory())
+    sharded, resumed = tmp_path / "fsdp2", tmp_path / "resumed"
+    accelerate_launch([TRAIN, sharded, "fsdp2", resumed], free_port_factory())
     ranks, reference = _ranks(sharded), _ranks(ddp_run)
     assert [r["distributed_type"] for r in ranks] == ["DistributedType.FSDP"] * 2
     assert [r["distributed_type"] for r in reference] == ["DistributedType.MULTI_CPU"] * 2
     assert [(r["rewards"], r["pivots"]) for r in ranks] == [(r["rewards"], r["pivots"]) for r in reference]
     _assert_same_lora(sharded, ddp_run, atol=1e-5)
     # Resumed after the first update: the second one reuses the rollout group restored from the checkpoint.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(sharded / "checkpoint-1", resumed / "checkpoint-1")
-    accelerate_launch([TRAIN, resumed, "fsdp2", resumed / "checkpoint-1"], free_port_factory())
+    assert [(r["updates_this_run"], r["rollouts_this_run"]) for r in _ranks(resumed)] == [(1, 0), (1, 0)]
+    assert [(r["updates_this_run"], r["rollouts_this_run"]) for r in ranks] == [(2, 1), (2, 1)]
     _assert_same_lora(resumed, ddp_run, atol=1e-5)
 
 
