@@ -147,7 +147,7 @@ def write_hub_cache(cache: Path, dtype: torch.dtype, models: dict) -> None:
     (repo / "checkpoints").mkdir(parents=True)
     torch.save({"generator_ema": state}, repo / "checkpoints" / "self_forcing_dmd.pt")
     del state
-    populate_hub_cache("gdhe17/Self-Forcing", repo, cache_dir=cache)
+    populate_hub_cache("gdhe17/Self-Forcing", repo, cache_dir=cache, move=True)
 
     tiny_transformer = WanTransformer3DModel(**{**transformer_config, "num_layers": 1, "ffn_dim": 8})
     base = staging / "wan"
@@ -163,7 +163,7 @@ def write_hub_cache(cache: Path, dtype: torch.dtype, models: dict) -> None:
     config = json.loads((base / "transformer" / "config.json").read_text())
     config.update({k: list(v) if isinstance(v, tuple) else v for k, v in transformer_config.items()})
     (base / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
-    populate_hub_cache("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", base, cache_dir=cache)
+    populate_hub_cache("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", base, cache_dir=cache, move=True)
     shutil.rmtree(staging)
 
 

@@ -177,6 +177,7 @@ def populate_hub_cache(
     cache_dir: str | os.PathLike,
     repo_type: str = "model",
     revision: str = "main",
+    move: bool = False,
 ) -> Path:
     """Install the files of a local folder into a Hugging Face Hub cache as if `repo_id` had been downloaded.
 
@@ -198,6 +199,8 @@ def populate_hub_cache(
         cache_dir: the cache to write to; pass the same `cache_dir` to the loading functions.
         repo_type: `"model"`, `"dataset"` or `"space"`.
         revision: the ref (branch or tag name) pointing to the new snapshot.
+        move: move the files into the cache instead of copying them (a staging folder of large checkpoints that is
+            deleted afterwards).
 
     Returns:
         The snapshot folder `cache_dir/<repo folder>/snapshots/<commit>`.
@@ -223,7 +226,7 @@ def populate_hub_cache(
         blob_path = storage / "blobs" / blob
         if not blob_path.exists():
             blob_path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, blob_path)
+            (shutil.move if move else shutil.copyfile)(path, blob_path)
         pointer = snapshot / name
         pointer.parent.mkdir(parents=True, exist_ok=True)
         if pointer.is_symlink() or pointer.exists():
