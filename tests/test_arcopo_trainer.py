@@ -289,6 +289,23 @@ def test_save_uses_a_gathered_state_dict(tmp_path):
     assert saved and all(torch.equal(v, torch.full_like(v, 0.5)) for v in saved.values())
 
 
+def test_the_config_seed_decides_the_initial_lora(tmp_path):
+    """Two trainers with one `seed` start from the same LoRA whatever the global RNG did before (the adapter is created
+    before `Trainer.__init__` seeds), and another seed gives another one: same-seed runs are reproducible."""
+
+    def initial_lora(seed: int, global_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        trainer = ARCoPOTrainer(
+            tiny_causal_wan_pipeline(), "brightness", args=_config(tmp_path, seed=seed), train_dataset=PROMPTS
+        )
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    first, second, other = initial_lora(0, 1), initial_lora(0, 2), initial_lora(1, 1)
+    assert first.keys() == second.keys() and any("lora_A" in name for name in first)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert any(not torch.equal(first[name], other[name]) for name in first if "lora_A" in name)
+
+
 def test_resume_from_checkpoint_continues_exactly(tmp_path):
     common = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3}  # step 3 is mid-rollout (reused buffer)
     full = ARCoPOTrainer(

@@ -29,7 +29,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, enable_full_determinism, rotate_checkpoints, set_seed
 from trl.trainer.utils import RepeatSampler
 
 from . import copo, memory
@@ -210,6 +210,9 @@ class ARCoPOTrainer(Trainer):
                 lora_dropout=args.lora_dropout,
                 target_modules=list(args.lora_target_modules),
             )
+        # `Trainer.__init__` seeds only after the adapter exists: seed here so that `args.seed` decides the LoRA's
+        # initial weights (with lora_B = 0 the rollouts do not show them, the first gradient does).
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         transformer.add_adapter(peft_config, adapter_name=args.adapter_name)
         transformer.set_adapter(args.adapter_name)
         cast_training_params(transformer, dtype=torch.float32)  # the LoRA trains in float32 whatever the base dtype
