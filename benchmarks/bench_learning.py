@@ -300,17 +300,22 @@ def train_run(args: argparse.Namespace, reward: str, method: str, seed: int, bef
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def group_reward(trainer, group, score: Callable):
+def group_reward(trainer, group, score: Callable, context=None):
     """The mean reward of a rollout group's videos, rebuilt differentiably: the pivot chunk's sampler steps are run
-    again from each branch's recorded noises with the current weights (the prefix context is recomputed without
-    gradient; the chunks after the pivot keep their rollout values) and decoded by the VAE. A scalar tensor."""
+    again from each branch's recorded noises with the current weights and decoded by the VAE; the chunks after the
+    pivot keep their rollout values. A scalar tensor.
+
+    The prefix context is a constant, as in the AR-CoPO update: ``context`` (a state from
+    :func:`~trl_arcopo.rollout.rebuild_context`, not changed here) or, if None, rebuilt without gradient from the
+    current weights. The gradient therefore leaves out how the weights move the prefix's keys/values."""
     import torch
 
     from trl_arcopo import CausalWanPipeline
     from trl_arcopo.rollout import rebuild_context
 
     pipe = trainer.pipeline
-    context = rebuild_context(pipe, group.prompt_embeds, group.prefix_latents)
+    if context is None:
+        context = rebuild_context(pipe, group.prompt_embeds, group.prefix_latents)
     rows = pipe.fork(context, group.num_generations)
     # The undecorated methods: `denoise_chunk` and `decode` run under no_grad for sampling.
     trajectory = CausalWanPipeline.denoise_chunk.__wrapped__(pipe, rows, group.inputs[0], step_noise=group.noise)
@@ -322,12 +327,12 @@ def group_reward(trainer, group, score: Callable):
     return score(CausalWanPipeline.decode.__wrapped__(pipe, latents, output_type="pt")).mean()
 
 
-def direct_reward_gradient(trainer, group, score: Callable) -> list:
-    """The gradient of :func:`group_reward` with respect to the trainable (LoRA) parameters."""
+def direct_reward_gradient(trainer, group, score: Callable, context=None) -> list:
+    """The gradient of :func:`group_reward` (same arguments) with respect to the trainable (LoRA) parameters."""
     import torch
 
     parameters = [p for p in trainer.model.parameters() if p.requires_grad]
-    return torch.autograd.grad(group_reward(trainer, group, score), parameters)
+    return torch.autograd.grad(group_reward(trainer, group, score, context), parameters)
 
 
 def update_direction_cosines(args: argparse.Namespace, reward: str, method: str) -> list[float]:
