@@ -32,8 +32,8 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from .presets import TINY_TRAINING_ARGS as TINY_TRAINING_ARGS  # re-exported: the base of the trainer tests
 from .rewards.clip import AestheticHead
-from .scripts.utils import TINY_TRAINING_ARGS as TINY_TRAINING_ARGS  # re-exported: the base of the trainer tests
 
 _SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in the umT5 tokenizer
 

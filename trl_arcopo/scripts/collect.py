@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trl_arcopo.presets import TINY_TRAINING_ARGS
 from trl_arcopo.scripts.train import PRESETS as TRAIN_PRESETS
 from trl_arcopo.scripts.train import ScriptArguments, load_prompts
 from trl_arcopo.scripts.utils import (
     PRESET_GEOMETRY,
-    TINY_TRAINING_ARGS,
     ScriptParser,
     check_reward_names,
     check_video_size,

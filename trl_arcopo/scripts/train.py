@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trl_arcopo.presets import TINY_TRAINING_ARGS, TOY_TRAINING_ARGS
 from trl_arcopo.scripts.utils import (
     PRESET_GEOMETRY,
-    TINY_TRAINING_ARGS,
-    TOY_TRAINING_ARGS,
     GeneratorArguments,
     ScriptParser,
     check_reward_names,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from ..presets import TOY_TRAINING_ARGS
 from .world import (
     HELD_OUT_PAIRS,
     ToyObject,
@@ -23,18 +24,17 @@ from .world import (
 )
 
 if TYPE_CHECKING:
-    from ..scripts.utils import TOY_TRAINING_ARGS
     from .pipeline import TOY_PIPELINE_DIR, load_toy_pipeline
 
 _LAZY_EXPORTS = {
     "TOY_PIPELINE_DIR": ".pipeline",
-    "TOY_TRAINING_ARGS": "..scripts.utils",
     "load_toy_pipeline": ".pipeline",
 }
 
 __all__ = sorted(
     [
         "HELD_OUT_PAIRS",
+        "TOY_TRAINING_ARGS",
         "ToyObject",
         "ToyScene",
         "caption",
