@@ -212,7 +212,10 @@ class ARCoPOTrainer(Trainer):
             )
         # `Trainer.__init__` seeds only after the adapter exists: seed here so that `args.seed` decides the LoRA's
         # initial weights (with lora_B = 0 the rollouts do not show them, the first gradient does).
-        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        if args.full_determinism:
+            enable_full_determinism(args.seed)
+        else:
+            set_seed(args.seed)
         transformer.add_adapter(peft_config, adapter_name=args.adapter_name)
         transformer.set_adapter(args.adapter_name)
         cast_training_params(transformer, dtype=torch.float32)  # the LoRA trains in float32 whatever the base dtype
