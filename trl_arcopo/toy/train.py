@@ -520,11 +520,11 @@ def train_student(cfg: ToyTrainingConfig, out: Path) -> list[float]:
 
 def assemble_pipeline(out: Path) -> Path:
     """The trained components as one ``CausalWanPipeline`` folder (``save_pretrained``): ``out/pipeline``."""
-    pipe = _pipeline(
-        WanTransformer3DModel.from_pretrained(out / "student" / "transformer"),
-        UMT5EncoderModel.from_pretrained(out / "teacher" / "text_encoder"),
-        AutoencoderKLWan.from_pretrained(out / "vae"),
-    )
+    transformer = WanTransformer3DModel.from_pretrained(out / "student" / "transformer")
+    vae = AutoencoderKLWan.from_pretrained(out / "vae")
+    for model in (transformer, vae):  # diffusers would save the local folder they were loaded from
+        model.register_to_config(_name_or_path=None)
+    pipe = _pipeline(transformer, UMT5EncoderModel.from_pretrained(out / "teacher" / "text_encoder"), vae)
     staging = _atomic_dir(out / "pipeline")
     pipe.save_pretrained(staging)
     _publish(staging, out / "pipeline")
