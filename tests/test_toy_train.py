@@ -59,6 +59,20 @@ def test_config_rejects_bad_sizes():
         ToyTrainingConfig(first_chunk_fraction=0.0)
     with pytest.raises(ValueError, match="foreground_weight"):
         ToyTrainingConfig(foreground_weight=-1.0)
+    with pytest.raises(ValueError, match="foreground_ring"):
+        ToyTrainingConfig(foreground_ring=-1)
+
+
+def test_loss_weight_spreads_the_objects_weight_over_the_ring():
+    coverage = torch.zeros(2, 3, 8, 8)  # [B, F, h, w]
+    coverage[1, 2, 4, 4] = 0.5
+    plain = toy_train.loss_weight(coverage, 4.0)
+    assert plain.shape == (2, 1, 3, 8, 8)
+    assert torch.equal(plain, 1 + 4.0 * coverage.unsqueeze(1))
+    ringed = toy_train.loss_weight(coverage, 4.0, ring=2)
+    expected = torch.ones(2, 1, 3, 8, 8)
+    expected[1, 0, 2, 2:7, 2:7] = 3.0  # the 5x5 window around the covered pixel, in its own video and frame only
+    assert torch.equal(ringed, expected)
 
 
 def test_ode_sample_records_the_sampler_states_and_converges(tmp_path):
