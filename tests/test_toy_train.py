@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -61,6 +62,8 @@ def test_config_rejects_bad_sizes():
         ToyTrainingConfig(foreground_weight=-1.0)
     with pytest.raises(ValueError, match="foreground_ring"):
         ToyTrainingConfig(foreground_ring=-1)
+    with pytest.raises(ValueError, match="dmd_critic_steps"):
+        ToyTrainingConfig(dmd_critic_steps=0)
 
 
 def test_loss_weight_spreads_the_objects_weight_over_the_ring():
@@ -73,6 +76,19 @@ def test_loss_weight_spreads_the_objects_weight_over_the_ring():
     expected = torch.ones(2, 1, 3, 8, 8)
     expected[1, 0, 2, 2:7, 2:7] = 3.0  # the 5x5 window around the covered pixel, in its own video and frame only
     assert torch.equal(ringed, expected)
+
+
+def test_distribution_matching_gradient_is_the_normalised_score_difference():
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 4, 2, 5, 5, requires_grad=True)
+    critic, teacher = torch.randn(3, 4, 2, 5, 5), torch.randn(3, 4, 2, 5, 5)
+    toy_train.distribution_matching_loss(x0, critic, teacher).backward()
+    scale = (x0.detach() - teacher).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    torch.testing.assert_close(x0.grad, (critic - teacher) / scale / x0.numel())
+    # A critic that already matches the teacher leaves the generator where it is.
+    x0.grad = None
+    toy_train.distribution_matching_loss(x0, teacher, teacher).backward()
+    assert torch.count_nonzero(x0.grad) == 0
 
 
 def test_ode_sample_records_the_sampler_states_and_converges(tmp_path):
@@ -98,25 +114,27 @@ def test_ode_sample_records_the_sampler_states_and_converges(tmp_path):
         torch.testing.assert_close(states[i], (1 - sigma) * target + sigma * noise, atol=1e-5, rtol=1e-5)
 
 
+TINY_RUN = {
+    "num_frames": 6,
+    "height": 16,
+    "width": 16,
+    "vae_steps": 2,
+    "vae_batch_size": 2,
+    "num_videos": 8,
+    "teacher_steps": 2,
+    "teacher_batch_size": 4,
+    "ode_videos": 4,
+    "ode_steps": 4,
+    "ode_batch_size": 4,
+    "student_steps": 2,
+    "student_batch_size": 2,
+    "checkpoint_every": 1,
+}
+
+
 @pytest.mark.slow
 def test_tiny_run_end_to_end_and_rerun_skips_finished_stages(tmp_path, monkeypatch):
-    settings = {
-        "output_dir": str(tmp_path / "run"),
-        "num_frames": 6,
-        "height": 16,
-        "width": 16,
-        "vae_steps": 2,
-        "vae_batch_size": 2,
-        "num_videos": 8,
-        "teacher_steps": 2,
-        "teacher_batch_size": 4,
-        "ode_videos": 4,
-        "ode_steps": 4,
-        "ode_batch_size": 4,
-        "student_steps": 2,
-        "student_batch_size": 2,
-        "checkpoint_every": 1,
-    }
+    settings = {**TINY_RUN, "output_dir": str(tmp_path / "run")}
     # Through the command line, as a user retrains it.
     assert cli.main(["toy-train", *(f"--{k}={v}" for k, v in settings.items())]) == 0
     cfg = ToyTrainingConfig(**settings)
@@ -142,3 +160,19 @@ def test_tiny_run_end_to_end_and_rerun_skips_finished_stages(tmp_path, monkeypat
     train_toy_pipeline(cfg)
     with pytest.raises(ValueError, match="other settings"):
         train_toy_pipeline(ToyTrainingConfig(**{**cfg.__dict__, "seed": 1}))
+
+
+@pytest.mark.slow
+def test_a_distribution_matching_stage_trains_the_generator_the_pipeline_ships(tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    from trl_arcopo import CausalWanPipeline
+
+    cfg = ToyTrainingConfig(**TINY_RUN, output_dir=str(tmp_path / "run"), dmd_steps=3, dmd_batch_size=2)
+    train_toy_pipeline(cfg)
+    record = json.loads((tmp_path / "run" / "losses.json").read_text())
+    assert len(record["losses"]["dmd"]) == 3 and all(map(math.isfinite, record["losses"]["dmd"]))
+    shipped = CausalWanPipeline.from_pretrained(tmp_path / "run" / "pipeline").transformer.state_dict()
+    for stage, same in (("dmd", True), ("student", False)):
+        trained = WanTransformer3DModel.from_pretrained(tmp_path / "run" / stage / "transformer").state_dict()
+        assert all(torch.equal(shipped[k], trained[k]) for k in shipped) == same, stage

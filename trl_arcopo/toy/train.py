@@ -55,7 +55,14 @@ from .world import caption, coverage, layout, render, sample_scene
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["ToyTrainingConfig", "encode_videos", "main", "make_parser", "train_toy_pipeline"]
+__all__ = [
+    "ToyTrainingConfig",
+    "distribution_matching_loss",
+    "encode_videos",
+    "main",
+    "make_parser",
+    "train_toy_pipeline",
+]
 
 
 @dataclass
@@ -123,12 +130,30 @@ class ToyTrainingConfig:
             "chunk re-noised with fresh noise (the sampler's own inputs)."
         },
     )
+    # Distribution matching
+    dmd_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Steps of an optional distribution-matching stage (DMD, as Self-Forcing trains its generator) after "
+            "the regression: the 4-step sampler's samples are moved along the difference between a critic's "
+            "estimate (trained online on those samples) and the guided teacher's. 0: none."
+        },
+    )
+    dmd_batch_size: int = field(default=16, metadata={"help": "Videos per distribution-matching step."})
+    dmd_learning_rate: float = field(
+        default=1e-4, metadata={"help": "Peak learning rate of the generator and its critic in the DMD stage."}
+    )
+    dmd_critic_steps: int = field(
+        default=2, metadata={"help": "Critic updates per generator update in the DMD stage (the first of each set)."}
+    )
     # Bookkeeping
     checkpoint_every: int = field(default=100, metadata={"help": "Steps between resumable checkpoints."})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
     stop_after: str | None = field(
         default=None,
-        metadata={"help": "Stop after this stage (vae, latents, teacher, ode, student); rerun without it to go on."},
+        metadata={
+            "help": "Stop after this stage (vae, latents, teacher, ode, student, dmd); rerun without it to go on."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -152,6 +177,10 @@ class ToyTrainingConfig:
             )
         if self.foreground_ring < 0:
             raise ValueError(f"`foreground_ring` must be >= 0 latent pixels, got {self.foreground_ring}.")
+        if self.dmd_steps < 0 or self.dmd_critic_steps < 1:
+            raise ValueError(
+                f"`dmd_steps` must be >= 0 and `dmd_critic_steps` >= 1, got {self.dmd_steps} and {self.dmd_critic_steps}."
+            )
         if self.ode_steps % 4:
             raise ValueError(
                 f"`ode_steps` must be a multiple of 4 (the sampler's timesteps lie on its grid), got {self.ode_steps}."
@@ -367,6 +396,22 @@ def _chunk_inputs(
     return torch.cat([context, noisy], dim=2), frames
 
 
+def _denoise_chunk(
+    pipe: CausalWanPipeline,
+    context: torch.Tensor,
+    x_t: torch.Tensor,
+    sigma: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    timestep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x̂0 ``[B, C, f, h, w]`` of a noisy chunk ``x_t`` at ``sigma`` ``[B]`` after clean ``context`` ``[B, C, k, h, w]``:
+    ``x_t - σ·v`` of one block-causal forward (``timestep`` ``[B]`` defaults to ``1000·σ``, the training grid)."""
+    timestep = 1000 * sigma if timestep is None else timestep
+    inputs, frame_t = _chunk_inputs(context, x_t, timestep)
+    flow = pipe.forward_block_causal(inputs, frame_t, prompt_embeds)[:, :, context.shape[2] :]
+    return x_t - sigma.view(-1, 1, 1, 1, 1) * flow
+
+
 def loss_weight(coverage: torch.Tensor, foreground_weight: float, ring: int = 0) -> torch.Tensor:
     """Per-pixel weight ``[B, 1, F, h, w]`` of the teacher's loss from the objects' coverage ``[B, F, h, w]`` of each
     latent pixel: ``1 + foreground_weight * coverage``, the coverage first spread over ``ring`` pixels around it."""
@@ -519,11 +564,14 @@ def train_student(cfg: ToyTrainingConfig, out: Path) -> list[float]:
         later = torch.where(on_path.view(*on_path.shape, 1, 1, 1, 1), states[1:, index, :, frames], renoised)
         x_t = torch.cat([states[:1, index, :, frames], later]).flatten(0, 1)  # [T·B, C, f, h, w], step-major
         context = latents[index, :, : c * chunk].repeat(num_steps, 1, 1, 1, 1)
-        step_t = timesteps.repeat_interleave(len(index))
-        step_sigma = sigmas.repeat_interleave(len(index)).view(-1, 1, 1, 1, 1)
-        inputs, frame_t = _chunk_inputs(context, x_t, step_t)
-        flow = pipe.forward_block_causal(inputs, frame_t, embeds[index].repeat(num_steps, 1, 1))[:, :, c * chunk :]
-        x0 = x_t - step_sigma * flow
+        x0 = _denoise_chunk(
+            pipe,
+            context,
+            x_t,
+            sigmas.repeat_interleave(len(index)),
+            embeds[index].repeat(num_steps, 1, 1),
+            timesteps.repeat_interleave(len(index)),
+        )
         return (x0 - clean.repeat(num_steps, 1, 1, 1, 1)).square().mean()
 
     losses = _train_stage(
@@ -540,9 +588,99 @@ def train_student(cfg: ToyTrainingConfig, out: Path) -> list[float]:
     return losses
 
 
-def assemble_pipeline(out: Path) -> Path:
-    """The trained components as one ``CausalWanPipeline`` folder (``save_pretrained``): ``out/pipeline``."""
-    transformer = WanTransformer3DModel.from_pretrained(out / "student" / "transformer")
+def distribution_matching_loss(x0: torch.Tensor, critic_x0: torch.Tensor, teacher_x0: torch.Tensor) -> torch.Tensor:
+    """DMD's generator loss on samples ``x0`` ``[B, ...]``, given the critic's and the (guided) teacher's x̂0 of the
+    same re-noised samples (no grad through them).
+
+    Its gradient with respect to ``x0`` is ``(critic_x0 - teacher_x0) / (mean|x0 - teacher_x0| · numel)`` per sample:
+    the difference of the two scores (the gradient of the KL divergence between the samples' distribution and the
+    teacher's), normalised so that every sample moves at the same rate whatever its distance to the teacher.
+    """
+    sample = x0.detach()
+    scale = (sample - teacher_x0).abs().flatten(1).mean(1).clamp_min(1e-6).view(-1, *[1] * (x0.ndim - 1))
+    return 0.5 * (x0 - (sample - (critic_x0 - teacher_x0) / scale)).square().mean()
+
+
+def train_dmd(cfg: ToyTrainingConfig, out: Path) -> list[float]:
+    """Distribution matching (DMD): the regressed student's samples, moved towards the guided teacher's distribution.
+
+    Each step draws a chunk, its ODE context and caption, and samples the chunk with the 4-step sampler from fresh
+    noise, stopping at a random step (only that step's forward keeps its graph, as Self-Forcing does). The sample is
+    re-noised at a random ``σ``; the gradient on it is the critic's x̂0 minus the guided teacher's, scaled by the
+    sample's mean distance to the teacher's x̂0. The critic (initialised from the teacher) learns the samples'
+    distribution by flow matching on every step; the generator is updated on every ``dmd_critic_steps``-th.
+    """
+    generator = WanTransformer3DModel.from_pretrained(out / "student" / "transformer")
+    critic = WanTransformer3DModel.from_pretrained(out / "teacher" / "transformer")
+    teacher = WanTransformer3DModel.from_pretrained(out / "teacher" / "transformer").eval().requires_grad_(False)
+    text_encoder = UMT5EncoderModel.from_pretrained(out / "teacher" / "text_encoder").eval().requires_grad_(False)
+    sampler, real, fake = (_pipeline(model, text_encoder) for model in (generator, teacher, critic))
+    pairs = load_file(out / "ode_pairs.safetensors")
+    latents = pairs["latents"]  # [M, C, F, h, w]: the context of later chunks
+    with torch.no_grad():
+        captions = json.loads((out / "ode_captions.json").read_text())
+        embeds = torch.cat([sampler.encode_prompt(captions[i : i + 256]) for i in range(0, len(captions), 256)])
+        empty = sampler.encode_prompt([""]).expand(cfg.dmd_batch_size, -1, -1)
+    chunk = sampler.config.num_frame_per_block
+    num_chunks = latents.shape[2] // chunk
+    timesteps, sigmas = torch.tensor(sampler.timesteps), torch.tensor([*sampler.sigmas, 0.0])
+    shift = cfg.timestep_shift
+
+    def loss_fn(step: int) -> torch.Tensor:
+        rng, noise_rng = _stage_rng(cfg.seed, 6, step)
+        index = torch.as_tensor(rng.integers(len(latents), size=cfg.dmd_batch_size))
+        c = int(rng.integers(num_chunks))
+        context, prompt = latents[index, :, : c * chunk], embeds[index]
+        shape = (len(index), latents.shape[1], chunk, *latents.shape[3:])
+        last = int(rng.integers(len(timesteps)))
+        update_generator = step % cfg.dmd_critic_steps == 0
+        x = torch.randn(shape, generator=noise_rng)
+        for k in range(last + 1):
+            with torch.set_grad_enabled(update_generator and k == last):
+                rows = torch.full((len(index),), 1.0)
+                x0 = _denoise_chunk(sampler, context, x, sigmas[k] * rows, prompt, timesteps[k] * rows)
+            if k < last:
+                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * torch.randn(shape, generator=noise_rng)
+
+        sample = x0.detach()
+        u = 0.02 + 0.96 * torch.rand(len(index), generator=noise_rng)
+        sigma = shift * u / (1 + (shift - 1) * u)
+        noise = torch.randn(shape, generator=noise_rng)
+        noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * sample + sigma.view(-1, 1, 1, 1, 1) * noise
+        critic_x0 = _denoise_chunk(fake, context, noisy, sigma, prompt)
+        loss = ((critic_x0 - sample) / sigma.view(-1, 1, 1, 1, 1)).square().mean()  # flow matching, as the teacher's
+        if update_generator:
+            with torch.no_grad():
+                both = _denoise_chunk(
+                    real,
+                    context.repeat(2, 1, 1, 1, 1),
+                    noisy.repeat(2, 1, 1, 1, 1),
+                    sigma.repeat(2),
+                    torch.cat([prompt, empty]),
+                )
+                conditional, unconditional = both.chunk(2)
+                target = unconditional + cfg.guidance_scale * (conditional - unconditional)
+            loss = loss + distribution_matching_loss(x0, critic_x0.detach(), target)
+        return loss
+
+    losses = _train_stage(
+        "dmd",
+        {"transformer": generator, "critic": critic},
+        loss_fn,
+        steps=cfg.dmd_steps,
+        learning_rate=cfg.dmd_learning_rate,
+        output_dir=out,
+        checkpoint_every=cfg.checkpoint_every,
+        ema_decay=0.999,
+    )
+    generator.save_pretrained(out / "dmd" / "transformer")
+    return losses
+
+
+def assemble_pipeline(out: Path, generator: str = "student") -> Path:
+    """The trained components as one ``CausalWanPipeline`` folder (``save_pretrained``): ``out/pipeline``, with the
+    transformer of stage ``generator`` (``student`` or ``dmd``)."""
+    transformer = WanTransformer3DModel.from_pretrained(out / generator / "transformer")
     vae = AutoencoderKLWan.from_pretrained(out / "vae")
     for model in (transformer, vae):  # diffusers would save the local folder they were loaded from
         model.register_to_config(_name_or_path=None)
@@ -599,6 +737,8 @@ def train_toy_pipeline(cfg: ToyTrainingConfig) -> Path:
         ("ode", generate_ode_pairs),
         ("student", train_student),
     ]
+    if cfg.dmd_steps:
+        stages.append(("dmd", train_dmd))
     for name, run in stages:
         if name in record["seconds"]:
             continue
@@ -612,7 +752,7 @@ def train_toy_pipeline(cfg: ToyTrainingConfig) -> Path:
             _plot_losses(record["losses"], out / "loss_curves.png")
             return out
     _plot_losses(record["losses"], out / "loss_curves.png")
-    pipeline = assemble_pipeline(out)
+    pipeline = assemble_pipeline(out, "dmd" if cfg.dmd_steps else "student")
     total = sum(record["seconds"].values())
     print(
         f"Trained toy pipeline in {pipeline} ({total / 60:.1f} min: "
