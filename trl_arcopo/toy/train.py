@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 from diffusers.training_utils import EMAModel
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
@@ -604,10 +605,11 @@ def distribution_matching_loss(x0: torch.Tensor, critic_x0: torch.Tensor, teache
 def train_dmd(cfg: ToyTrainingConfig, out: Path) -> list[float]:
     """Distribution matching (DMD): the regressed student's samples, moved towards the guided teacher's distribution.
 
-    Each step draws a chunk, its ODE context and caption, and samples the chunk with the 4-step sampler from fresh
-    noise, stopping at a random step (only that step's forward keeps its graph, as Self-Forcing does). The sample is
-    re-noised at a random ``σ``; the gradient on it is the critic's x̂0 minus the guided teacher's, scaled by the
-    sample's mean distance to the teacher's x̂0. The critic (initialised from the teacher) learns the samples'
+    Each step draws training captions and a chunk ``c``. The generator makes the ``c`` chunks before it with the
+    pipeline's own sampler (KV cache, no grad: the context it will see when used, as in Self-Forcing), then chunk
+    ``c`` with the 4-step sampler from fresh noise, stopping at a random step (only that step's forward keeps its
+    graph). That sample is re-noised at a random ``σ``; the gradient on it is the critic's x̂0 minus the guided
+    teacher's (:func:`distribution_matching_loss`). The critic, initialised from the teacher, learns the samples'
     distribution by flow matching on every step; the generator is updated on every ``dmd_critic_steps``-th.
     """
     generator = WanTransformer3DModel.from_pretrained(out / "student" / "transformer")
@@ -615,38 +617,44 @@ def train_dmd(cfg: ToyTrainingConfig, out: Path) -> list[float]:
     teacher = WanTransformer3DModel.from_pretrained(out / "teacher" / "transformer").eval().requires_grad_(False)
     text_encoder = UMT5EncoderModel.from_pretrained(out / "teacher" / "text_encoder").eval().requires_grad_(False)
     sampler, real, fake = (_pipeline(model, text_encoder) for model in (generator, teacher, critic))
-    pairs = load_file(out / "ode_pairs.safetensors")
-    latents = pairs["latents"]  # [M, C, F, h, w]: the context of later chunks
-    with torch.no_grad():
-        captions = json.loads((out / "ode_captions.json").read_text())
-        embeds = torch.cat([sampler.encode_prompt(captions[i : i + 256]) for i in range(0, len(captions), 256)])
-        empty = sampler.encode_prompt([""]).expand(cfg.dmd_batch_size, -1, -1)
+    sampler.set_progress_bar_config(disable=True)
+    with safe_open(out / "latents.safetensors", "pt") as data:
+        video_shape = tuple(data.get_slice("latents").get_shape()[1:])  # [C, F, h, w]
     chunk = sampler.config.num_frame_per_block
-    num_chunks = latents.shape[2] // chunk
+    num_chunks = video_shape[1] // chunk
+    with torch.no_grad():
+        empty = sampler.encode_prompt([""]).expand(cfg.dmd_batch_size, -1, -1)
     timesteps, sigmas = torch.tensor(sampler.timesteps), torch.tensor([*sampler.sigmas, 0.0])
     shift = cfg.timestep_shift
 
     def loss_fn(step: int) -> torch.Tensor:
         rng, noise_rng = _stage_rng(cfg.seed, 6, step)
-        index = torch.as_tensor(rng.integers(len(latents), size=cfg.dmd_batch_size))
+        texts, _, _ = _scenes_and_seeds(rng, cfg.dmd_batch_size)
         c = int(rng.integers(num_chunks))
-        context, prompt = latents[index, :, : c * chunk], embeds[index]
-        shape = (len(index), latents.shape[1], chunk, *latents.shape[3:])
         last = int(rng.integers(len(timesteps)))
         update_generator = step % cfg.dmd_critic_steps == 0
-        x = torch.randn(shape, generator=noise_rng)
+        with torch.no_grad():
+            prompt = sampler.encode_prompt(texts)
+            noise = torch.randn(len(texts), *video_shape[:1], (c + 1) * chunk, *video_shape[2:], generator=noise_rng)
+            context = noise[:, :, : c * chunk]
+            if c:
+                context = sampler(
+                    prompt_embeds=prompt, latents=context, generator=noise_rng, output_type="latent"
+                ).frames
+        x = noise[:, :, c * chunk :]
+        rows = torch.ones(len(texts))
         for k in range(last + 1):
             with torch.set_grad_enabled(update_generator and k == last):
-                rows = torch.full((len(index),), 1.0)
                 x0 = _denoise_chunk(sampler, context, x, sigmas[k] * rows, prompt, timesteps[k] * rows)
             if k < last:
-                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * torch.randn(shape, generator=noise_rng)
+                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * torch.randn(x.shape, generator=noise_rng)
 
         sample = x0.detach()
-        u = 0.02 + 0.96 * torch.rand(len(index), generator=noise_rng)
+        u = 0.02 + 0.96 * torch.rand(len(texts), generator=noise_rng)
         sigma = shift * u / (1 + (shift - 1) * u)
-        noise = torch.randn(shape, generator=noise_rng)
-        noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * sample + sigma.view(-1, 1, 1, 1, 1) * noise
+        noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * sample + sigma.view(-1, 1, 1, 1, 1) * torch.randn(
+            sample.shape, generator=noise_rng
+        )
         critic_x0 = _denoise_chunk(fake, context, noisy, sigma, prompt)
         loss = ((critic_x0 - sample) / sigma.view(-1, 1, 1, 1, 1)).square().mean()  # flow matching, as the teacher's
         if update_generator:
