@@ -20,6 +20,11 @@ Stages (each resumable; a finished stage is skipped when the command is run agai
    re-noised with fresh noise (what the sampler feeds it; ``student_ode_states`` mixes in the recorded ODE states),
    with the clean ODE chunks before it as context. This makes the initial noise decide the content (the regime of
    Self-Forcing's distilled generators), and the result runs unchanged in ``CausalWanPipeline``'s 4-step sampler.
+6. ``dmd`` (only with ``--dmd_steps N``): distribution matching, the stage Self-Forcing trains its generator with.
+   The generator samples a chunk after context it generated itself; a critic learns the distribution of those
+   samples; the generator moves along the difference between the critic's and the guided teacher's estimates. The
+   pipeline then ships this generator. Off by default: on this world it makes one-object videos more faithful and
+   two-object ones less (docs/benchmarks.md, "A distribution-matching stage").
 
 The result is a ``CausalWanPipeline`` folder (``save_pretrained``), a loss-curve PNG and ``losses.json``.
 """
