@@ -661,7 +661,9 @@ def train_dmd(cfg: ToyTrainingConfig, out: Path) -> list[float]:
             sample.shape, generator=noise_rng
         )
         critic_x0 = _denoise_chunk(fake, context, noisy, sigma, prompt)
-        loss = ((critic_x0 - sample) / sigma.view(-1, 1, 1, 1, 1)).square().mean()  # flow matching, as the teacher's
+        loss = (
+            ((critic_x0 - sample) / sigma.view(-1, 1, 1, 1, 1)).square().mean()
+        )  # the velocity error (flow matching)
         if update_generator:
             with torch.no_grad():
                 both = _denoise_chunk(
