@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, UMT5EncoderModel, get_cosine_schedule_with_warmup
 
 from ..pipelines.causal_wan import CausalWanPipeline
+from ..pipelines.sampler import renoise
 from ..utils.video_size import whole_chunk_frames
 from .components import TOY_PIPELINE_CONFIG, TOY_VAE_STRIDES, toy_transformer_config, toy_vae
 from .text import toy_text_encoder, toy_tokenizer
@@ -629,7 +630,7 @@ def train_dmd(cfg: ToyTrainingConfig, out: Path) -> list[float]:
     num_chunks = video_shape[1] // chunk
     with torch.no_grad():
         empty = sampler.encode_prompt([""]).expand(cfg.dmd_batch_size, -1, -1)
-    timesteps, sigmas = torch.tensor(sampler.timesteps), torch.tensor([*sampler.sigmas, 0.0])
+    timesteps, sigmas = torch.tensor(sampler.timesteps), torch.tensor(sampler.sigmas)
     shift = cfg.timestep_shift
 
     def loss_fn(step: int) -> torch.Tensor:
@@ -652,7 +653,7 @@ def train_dmd(cfg: ToyTrainingConfig, out: Path) -> list[float]:
             with torch.set_grad_enabled(update_generator and k == last):
                 x0 = _denoise_chunk(sampler, context, x, sigmas[k] * rows, prompt, timesteps[k] * rows)
             if k < last:
-                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * torch.randn(x.shape, generator=noise_rng)
+                x = renoise(x0, torch.randn(x.shape, generator=noise_rng), sampler.sigmas[k + 1])
 
         sample = x0.detach()
         u = 0.02 + 0.96 * torch.rand(len(texts), generator=noise_rng)
