@@ -112,6 +112,9 @@ def test_ode_sample_records_the_sampler_states_and_converges(tmp_path):
     for i, k in enumerate([0, 2, 4, 6]):
         sigma = pipe.sigmas[k]
         torch.testing.assert_close(states[i], (1 - sigma) * target + sigma * noise, atol=1e-5, rtol=1e-5)
+    unrecorded, no_states = ode_sample(pipe, embeds, embeds, noise, guidance_scale=2.0, record=[])
+    torch.testing.assert_close(unrecorded, latents)
+    assert no_states.shape == (0, *noise.shape)
 
 
 TINY_RUN = {

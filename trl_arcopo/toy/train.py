@@ -511,7 +511,10 @@ def ode_sample(
             x0 = unconditional + guidance_scale * (conditional - unconditional)
             x = x0 + (sigmas[k + 1] / sigmas[k]) * (x - x0)
         pipe.commit_chunk(state, torch.cat([x, x]), update_cache=start + chunk < noise.shape[2])
-    return torch.cat(state.chunks, dim=2)[:batch], torch.stack([torch.cat(s, dim=2) for s in states])
+    latents = torch.cat(state.chunks, dim=2)[:batch]
+    if not record:
+        return latents, noise.new_empty(0, *noise.shape)
+    return latents, torch.stack([torch.cat(s, dim=2) for s in states])
 
 
 def generate_ode_pairs(cfg: ToyTrainingConfig, out: Path) -> None:
