@@ -64,6 +64,8 @@ def test_config_rejects_bad_sizes():
         ToyTrainingConfig(foreground_ring=-1)
     with pytest.raises(ValueError, match="dmd_critic_steps"):
         ToyTrainingConfig(dmd_critic_steps=0)
+    with pytest.raises(ValueError, match="dmd_regression_weight"):
+        ToyTrainingConfig(dmd_regression_weight=-1.0)
 
 
 def test_loss_weight_spreads_the_objects_weight_over_the_ring():
@@ -179,3 +181,42 @@ def test_a_distribution_matching_stage_trains_the_generator_the_pipeline_ships(t
     for stage, same in (("dmd", True), ("student", False)):
         trained = WanTransformer3DModel.from_pretrained(tmp_path / "run" / stage / "transformer").state_dict()
         assert all(torch.equal(shipped[k], trained[k]) for k in shipped) == same, stage
+
+
+@pytest.mark.slow
+def test_the_dmd_regression_term_is_the_students_loss_on_the_ode_pairs(tmp_path, monkeypatch):
+    """`dmd_regression_weight` adds w x the student's ODE-pair loss (its own draws) to the generator's DMD steps, and
+    nothing to the critic's."""
+    from diffusers import WanTransformer3DModel
+
+    run = tmp_path / "run"
+    train_toy_pipeline(ToyTrainingConfig(**TINY_RUN, output_dir=str(run), dmd_steps=2, dmd_batch_size=2))
+    captured = {}
+
+    class Captured(Exception):
+        pass
+
+    def first_losses(name, modules, loss_fn, **kwargs):
+        captured[name] = [loss_fn(step).item() for step in (0, 1)]  # a generator step, then a critic-only step
+        raise Captured
+
+    monkeypatch.setattr(toy_train, "_train_stage", first_losses)
+    losses = {}
+    for weight in (0.0, 2.0):
+        cfg = ToyTrainingConfig(**TINY_RUN, output_dir=str(run), dmd_batch_size=2, dmd_regression_weight=weight)
+        with pytest.raises(Captured):
+            toy_train.train_dmd(cfg, run)
+        losses[weight] = captured.pop("dmd")
+
+    student = WanTransformer3DModel.from_pretrained(run / "student" / "transformer")
+    text_encoder = toy_train.UMT5EncoderModel.from_pretrained(run / "teacher" / "text_encoder")
+    pipe = toy_train._pipeline(student, text_encoder)
+    pairs = toy_train._ode_pairs(run, pipe)
+    rng, noise = toy_train._stage_rng(cfg.seed, 7, 0)
+    index = torch.as_tensor(rng.integers(len(pairs[0]), size=2))
+    chunk = int(rng.integers(pairs[0].shape[2] // pipe.config.num_frame_per_block))
+    with torch.no_grad():
+        expected = toy_train._ode_regression_loss(pipe, pairs, index, chunk, noise, cfg.student_ode_states).item()
+    assert expected > 0
+    assert losses[2.0][0] == pytest.approx(losses[0.0][0] + 2.0 * expected, rel=1e-5)
+    assert losses[2.0][1] == losses[0.0][1]

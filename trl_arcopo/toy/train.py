@@ -154,6 +154,14 @@ class ToyTrainingConfig:
     dmd_critic_steps: int = field(
         default=2, metadata={"help": "Critic updates per generator update in the DMD stage (the first of each set)."}
     )
+    dmd_regression_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the student's ODE-pair regression loss added to the generator's DMD loss (as DMD's "
+            "paired regression term): keeps the generator on the teacher's noise-to-video map, and takes back DMD's "
+            "colour gain in proportion (docs/benchmarks.md). 0: DMD alone."
+        },
+    )
     # Bookkeeping
     checkpoint_every: int = field(default=100, metadata={"help": "Steps between resumable checkpoints."})
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
@@ -189,6 +197,8 @@ class ToyTrainingConfig:
             raise ValueError(
                 f"`dmd_steps` must be >= 0 and `dmd_critic_steps` >= 1, got {self.dmd_steps} and {self.dmd_critic_steps}."
             )
+        if not self.dmd_regression_weight >= 0:
+            raise ValueError(f"`dmd_regression_weight` must be >= 0 (0: DMD alone), got {self.dmd_regression_weight}.")
         if self.ode_steps % 4:
             raise ValueError(
                 f"`ode_steps` must be a multiple of 4 (the sampler's timesteps lie on its grid), got {self.ode_steps}."
@@ -544,46 +554,64 @@ def generate_ode_pairs(cfg: ToyTrainingConfig, out: Path) -> None:
     (out / "ode_captions.json").write_text(json.dumps(captions))
 
 
+def _ode_pairs(out: Path, pipe: CausalWanPipeline) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``ode`` stage's pairs: clean latents ``[M, C, F, h, w]``, the states at the sampler's timesteps
+    ``[4, M, C, F, h, w]`` and the captions' embeddings ``[M, L, D]`` (by ``pipe``'s text encoder)."""
+    pairs = load_file(out / "ode_pairs.safetensors")
+    with torch.no_grad():
+        captions = json.loads((out / "ode_captions.json").read_text())
+        embeds = torch.cat([pipe.encode_prompt(captions[i : i + 256]) for i in range(0, len(captions), 256)])
+    return pairs["latents"], pairs["states"], embeds
+
+
+def _ode_regression_loss(
+    pipe: CausalWanPipeline,
+    pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    index: torch.Tensor,
+    c: int,
+    generator: torch.Generator,
+    ode_states: float,
+) -> torch.Tensor:
+    """The student's loss on the ODE pairs ``index`` (see :func:`_ode_pairs`) at chunk ``c``: the MSE between its x̂0
+    at each of the sampler's timesteps and the ODE's clean chunk."""
+    latents, states, embeds = pairs
+    chunk = pipe.config.num_frame_per_block
+    num_steps = len(pipe.timesteps)
+    timesteps, sigmas = torch.tensor(pipe.timesteps), torch.tensor(pipe.sigmas)
+    frames = slice(c * chunk, (c + 1) * chunk)
+    clean = latents[index, :, frames]
+    # Step 1 starts from the ODE's own noise (so the noise decides the content); later steps see the clean ODE chunk
+    # re-noised with fresh noise, as the sampler does, or (a fraction `ode_states`) the ODE state.
+    renoised = (1 - sigmas[1:].view(-1, 1, 1, 1, 1, 1)) * clean + sigmas[1:].view(-1, 1, 1, 1, 1, 1) * torch.randn(
+        num_steps - 1, *clean.shape, generator=generator
+    )
+    on_path = torch.rand(num_steps - 1, len(index), generator=generator) < ode_states
+    later = torch.where(on_path.view(*on_path.shape, 1, 1, 1, 1), states[1:, index, :, frames], renoised)
+    x_t = torch.cat([states[:1, index, :, frames], later]).flatten(0, 1)  # [T·B, C, f, h, w], step-major
+    context = latents[index, :, : c * chunk].repeat(num_steps, 1, 1, 1, 1)
+    x0 = _denoise_chunk(
+        pipe,
+        context,
+        x_t,
+        sigmas.repeat_interleave(len(index)),
+        embeds[index].repeat(num_steps, 1, 1),
+        timesteps.repeat_interleave(len(index)),
+    )
+    return (x0 - clean.repeat(num_steps, 1, 1, 1, 1)).square().mean()
+
+
 def train_student(cfg: ToyTrainingConfig, out: Path) -> list[float]:
 
     transformer = WanTransformer3DModel.from_pretrained(out / "teacher" / "transformer")
     text_encoder = UMT5EncoderModel.from_pretrained(out / "teacher" / "text_encoder").eval().requires_grad_(False)
     pipe = _pipeline(transformer, text_encoder)
-    pairs = load_file(out / "ode_pairs.safetensors")
-    latents, states = pairs["latents"], pairs["states"]  # [M, C, F, h, w], [4, M, C, F, h, w]
-    with torch.no_grad():
-        captions = json.loads((out / "ode_captions.json").read_text())
-        embeds = torch.cat([pipe.encode_prompt(captions[i : i + 256]) for i in range(0, len(captions), 256)])
-    chunk = pipe.config.num_frame_per_block
-    num_chunks = latents.shape[2] // chunk
-    num_steps = len(pipe.timesteps)
-    timesteps = torch.tensor(pipe.timesteps)
-    sigmas = torch.tensor(pipe.sigmas)
+    pairs = _ode_pairs(out, pipe)
+    num_chunks = pairs[0].shape[2] // pipe.config.num_frame_per_block
 
     def loss_fn(step: int) -> torch.Tensor:
         rng, generator = _stage_rng(cfg.seed, 5, step)
-        index = torch.as_tensor(rng.integers(len(latents), size=cfg.student_batch_size))
-        c = step % num_chunks
-        frames = slice(c * chunk, (c + 1) * chunk)
-        clean = latents[index, :, frames]
-        # Step 1 starts from the ODE's own noise (so the noise decides the content); later steps see the clean ODE
-        # chunk re-noised with fresh noise, as the sampler does, or (a fraction `student_ode_states`) the ODE state.
-        renoised = (1 - sigmas[1:].view(-1, 1, 1, 1, 1, 1)) * clean + sigmas[1:].view(-1, 1, 1, 1, 1, 1) * torch.randn(
-            num_steps - 1, *clean.shape, generator=generator
-        )
-        on_path = torch.rand(num_steps - 1, len(index), generator=generator) < cfg.student_ode_states
-        later = torch.where(on_path.view(*on_path.shape, 1, 1, 1, 1), states[1:, index, :, frames], renoised)
-        x_t = torch.cat([states[:1, index, :, frames], later]).flatten(0, 1)  # [T·B, C, f, h, w], step-major
-        context = latents[index, :, : c * chunk].repeat(num_steps, 1, 1, 1, 1)
-        x0 = _denoise_chunk(
-            pipe,
-            context,
-            x_t,
-            sigmas.repeat_interleave(len(index)),
-            embeds[index].repeat(num_steps, 1, 1),
-            timesteps.repeat_interleave(len(index)),
-        )
-        return (x0 - clean.repeat(num_steps, 1, 1, 1, 1)).square().mean()
+        index = torch.as_tensor(rng.integers(len(pairs[0]), size=cfg.student_batch_size))
+        return _ode_regression_loss(pipe, pairs, index, step % num_chunks, generator, cfg.student_ode_states)
 
     losses = _train_stage(
         "student",
@@ -636,6 +664,7 @@ def train_dmd(cfg: ToyTrainingConfig, out: Path) -> list[float]:
         empty = sampler.encode_prompt([""]).expand(cfg.dmd_batch_size, -1, -1)
     timesteps, sigmas = torch.tensor(sampler.timesteps), torch.tensor(sampler.sigmas)
     shift = cfg.timestep_shift
+    pairs = _ode_pairs(out, sampler) if cfg.dmd_regression_weight else None
 
     def loss_fn(step: int) -> torch.Tensor:
         rng, noise_rng = _stage_rng(cfg.seed, 6, step)
@@ -681,6 +710,12 @@ def train_dmd(cfg: ToyTrainingConfig, out: Path) -> list[float]:
                 conditional, unconditional = both.chunk(2)
                 target = unconditional + cfg.guidance_scale * (conditional - unconditional)
             loss = loss + distribution_matching_loss(x0, critic_x0.detach(), target)
+            if pairs is not None:
+                pair_rng, pair_noise = _stage_rng(cfg.seed, 7, step)
+                index = torch.as_tensor(pair_rng.integers(len(pairs[0]), size=cfg.dmd_batch_size))
+                c = int(pair_rng.integers(num_chunks))
+                regression = _ode_regression_loss(sampler, pairs, index, c, pair_noise, cfg.student_ode_states)
+                loss = loss + cfg.dmd_regression_weight * regression
         return loss
 
     losses = _train_stage(
