@@ -713,8 +713,10 @@ def train_dmd(cfg: ToyTrainingConfig, out: Path) -> list[float]:
             if pairs is not None:
                 pair_rng, pair_noise = _stage_rng(cfg.seed, 7, step)
                 index = torch.as_tensor(pair_rng.integers(len(pairs[0]), size=cfg.dmd_batch_size))
-                c = int(pair_rng.integers(num_chunks))
-                regression = _ode_regression_loss(sampler, pairs, index, c, pair_noise, cfg.student_ode_states)
+                pair_chunk = int(pair_rng.integers(num_chunks))
+                regression = _ode_regression_loss(
+                    sampler, pairs, index, pair_chunk, pair_noise, cfg.student_ode_states
+                )
                 loss = loss + cfg.dmd_regression_weight * regression
         return loss
 
