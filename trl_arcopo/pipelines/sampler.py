@@ -54,6 +54,9 @@ def predict_x0(x_t: torch.Tensor, flow: torch.Tensor, sigma: float | torch.Tenso
     return (x_t.double() - sigma * flow.double()).to(x_t.dtype)
 
 
-def renoise(x0: torch.Tensor, noise: torch.Tensor, sigma_next: float) -> torch.Tensor:
-    """The next step's input ``(1 - σ_{s+1})·x̂0 + σ_{s+1}·η`` (float32 math, returned in ``x0``'s dtype)."""
+def renoise(x0: torch.Tensor, noise: torch.Tensor, sigma_next: float | torch.Tensor) -> torch.Tensor:
+    """The next step's input ``(1 - σ_{s+1})·x̂0 + σ_{s+1}·η`` (float32 math, returned in ``x0``'s dtype): also the
+    flow-matching interpolation of clean latents at ``σ``.
+
+    ``sigma_next`` is a float or a tensor broadcastable to ``x0`` and ``noise`` (e.g. ``[B, 1, 1, 1, 1]``, one per row)."""
     return ((1 - sigma_next) * x0.float() + sigma_next * noise.float()).to(x0.dtype)

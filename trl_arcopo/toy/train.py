@@ -464,7 +464,7 @@ def train_teacher(cfg: ToyTrainingConfig, out: Path) -> list[float]:
         u = torch.rand(len(index), generator=generator)
         sigma = shift * u / (1 + (shift - 1) * u)
         noise = torch.randn(clean.shape, generator=generator)
-        noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * clean + sigma.view(-1, 1, 1, 1, 1) * noise
+        noisy = renoise(clean, noise, sigma.view(-1, 1, 1, 1, 1))
         inputs, timesteps = _chunk_inputs(x0[:, :, : c * chunk], noisy, 1000 * sigma)
         texts = ["" if rng.random() < cfg.caption_dropout else captions[i] for i in index.tolist()]
         flow = pipe.forward_block_causal(inputs, timesteps, pipe.encode_prompt(texts))[:, :, c * chunk :]
@@ -582,9 +582,8 @@ def _ode_regression_loss(
     clean = latents[index, :, frames]
     # Step 1 starts from the ODE's own noise (so the noise decides the content); later steps see the clean ODE chunk
     # re-noised with fresh noise, as the sampler does, or (a fraction `ode_states`) the ODE state.
-    renoised = (1 - sigmas[1:].view(-1, 1, 1, 1, 1, 1)) * clean + sigmas[1:].view(-1, 1, 1, 1, 1, 1) * torch.randn(
-        num_steps - 1, *clean.shape, generator=generator
-    )
+    noise = torch.randn(num_steps - 1, *clean.shape, generator=generator)
+    renoised = renoise(clean, noise, sigmas[1:].view(-1, 1, 1, 1, 1, 1))  # [T - 1, B, C, f, h, w]
     on_path = torch.rand(num_steps - 1, len(index), generator=generator) < ode_states
     later = torch.where(on_path.view(*on_path.shape, 1, 1, 1, 1), states[1:, index, :, frames], renoised)
     x_t = torch.cat([states[:1, index, :, frames], later]).flatten(0, 1)  # [T·B, C, f, h, w], step-major
@@ -691,13 +690,10 @@ def train_dmd(cfg: ToyTrainingConfig, out: Path) -> list[float]:
         sample = x0.detach()
         u = 0.02 + 0.96 * torch.rand(len(texts), generator=noise_rng)
         sigma = shift * u / (1 + (shift - 1) * u)
-        noisy = (1 - sigma.view(-1, 1, 1, 1, 1)) * sample + sigma.view(-1, 1, 1, 1, 1) * torch.randn(
-            sample.shape, generator=noise_rng
-        )
+        noisy = renoise(sample, torch.randn(sample.shape, generator=noise_rng), sigma.view(-1, 1, 1, 1, 1))
         critic_x0 = _denoise_chunk(fake, context, noisy, sigma, prompt)
-        loss = (
-            ((critic_x0 - sample) / sigma.view(-1, 1, 1, 1, 1)).square().mean()
-        )  # the velocity error (flow matching)
+        # Flow matching: (x̂0 - x0) / σ is the error of the predicted velocity.
+        loss = ((critic_x0 - sample) / sigma.view(-1, 1, 1, 1, 1)).square().mean()
         if update_generator:
             with torch.no_grad():
                 both = _denoise_chunk(
