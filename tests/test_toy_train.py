@@ -58,6 +58,10 @@ def test_config_rejects_bad_sizes():
         ToyTrainingConfig(ode_steps=10)
     with pytest.raises(ValueError, match="first_chunk_fraction"):
         ToyTrainingConfig(first_chunk_fraction=0.0)
+    with pytest.raises(ValueError, match="vae_blur_probability"):
+        ToyTrainingConfig(vae_blur_probability=1.5)
+    with pytest.raises(ValueError, match="vae_shape_code_weight"):
+        ToyTrainingConfig(vae_shape_code_weight=-1.0)
     with pytest.raises(ValueError, match="foreground_weight"):
         ToyTrainingConfig(foreground_weight=-1.0)
     with pytest.raises(ValueError, match="foreground_ring"):
@@ -66,6 +70,54 @@ def test_config_rejects_bad_sizes():
         ToyTrainingConfig(dmd_critic_steps=0)
     with pytest.raises(ValueError, match="dmd_regression_weight"):
         ToyTrainingConfig(dmd_regression_weight=-1.0)
+
+
+def test_the_vae_shape_code_term_and_the_blurred_decoder_inputs(tmp_path, monkeypatch):
+    """`vae_shape_code_weight` adds w x the MSE between the encoder's mean in the first channels and the shape code of
+    the frames it encodes; `vae_blur_probability=1` decodes every frame from its latent blurred."""
+    from trl_arcopo.toy.world import layout
+
+    code = toy_train.shape_code([layout("a large red square", 3, seed=0)], torch.tensor([1]), 32, 32)
+    assert code.shape == (1, 3, 16, 16) and code.max() == 2
+    assert not code[0, 0].any() and not code[0, 2].any() and (code[0, 1] == 2).sum() > 10  # the square's channel
+
+    captured, codes = {}, []
+
+    class Captured(Exception):
+        pass
+
+    def first_loss(name, modules, loss_fn, **kwargs):
+        vae = modules["vae"]
+        seen = {}
+        hooks = [  # the encoder's mean (the first z_dim channels of quant_conv's output) and the decoder's input
+            vae.quant_conv.register_forward_hook(lambda m, a, out: seen.update(mean=out[:, :16].detach())),
+            vae.post_quant_conv.register_forward_pre_hook(lambda m, a: seen.update(z=a[0].detach())),
+        ]
+        captured.update(loss=loss_fn(0).item(), **seen)
+        for hook in hooks:
+            hook.remove()
+        raise Captured
+
+    monkeypatch.setattr(toy_train, "_train_stage", first_loss)
+    real_code = toy_train.shape_code
+    monkeypatch.setattr(toy_train, "shape_code", lambda *args: codes.append(real_code(*args)) or codes[-1])
+    runs = {}
+    for weight, blur in ((0.0, 0.0), (3.0, 0.0), (0.0, 1.0)):
+        cfg = ToyTrainingConfig(
+            output_dir=str(tmp_path), num_frames=3, height=16, width=16, vae_batch_size=4,
+            vae_shape_code_weight=weight, vae_blur_probability=blur,
+        )  # fmt: skip
+        with pytest.raises(Captured):
+            toy_train.train_vae(cfg, tmp_path)
+        runs[weight, blur] = dict(captured)
+    (code,) = codes  # only the weighted run asks for the code
+    assert code.shape == (4, 3, 8, 8) and code.amax() == 2
+    term = (runs[0.0, 0.0]["mean"][:, :3, 0] - code).square().mean().item()
+    assert runs[3.0, 0.0]["loss"] == pytest.approx(runs[0.0, 0.0]["loss"] + 3 * term, rel=1e-5)
+    z = runs[0.0, 0.0]["z"][:, :, 0]
+    blurred = nn.functional.conv2d(z, toy_train._gaussian_kernel(1.5, 2).expand(16, 1, 5, 5), padding=2, groups=16)
+    assert torch.allclose(runs[0.0, 1.0]["z"][:, :, 0], blurred, atol=1e-6)
+    assert not torch.allclose(blurred, z, atol=1e-3)
 
 
 def test_loss_weight_spreads_the_objects_weight_over_the_ring():

@@ -123,6 +123,12 @@ def test_coverage_marks_the_rendered_objects():
     inside = covered == 1
     assert inside.any(dim=(2, 3)).all()
     assert torch.equal(coverage(scenes, 6, 32, 32, seed=0), covered)  # same layouts from captions and seeds
+    per_shape = coverage(layouts, 6, 32, 32, per_shape=True)  # [B, F, S, H, W], S: circle, square, triangle
+    assert torch.equal(per_shape.amax(2), covered)
+    circle, square = (replace(layouts[0], objects=(obj,)) for obj in layouts[0].objects)
+    assert torch.equal(per_shape[0, :, 0], coverage(circle, 6, 32, 32)[0])
+    assert torch.equal(per_shape[0, :, 1], coverage(square, 6, 32, 32)[0])
+    assert not per_shape[0, :, 2].any() and torch.equal(per_shape[1, :, 2], covered[1])
     with pytest.raises(ValueError, match="2 seeds for 1 scenes"):
         coverage(["a circle"], seed=[1, 2])
 

@@ -90,6 +90,23 @@ class ToyTrainingConfig:
     )
     vae_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the VAE."})
     vae_kl_weight: float = field(default=1e-4, metadata={"help": "Weight of the per-element KL term."})
+    vae_shape_code_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a term that makes the latent's first channels (one per shape of the world) a per-pixel "
+            "code of the objects' shape: their posterior mean is pulled to 2 x that shape's coverage of each latent "
+            "pixel. The generator can then take the shape from the caption as it takes a colour, a value per pixel, "
+            "where it cannot learn an outline around a centre that the noise decides (docs/benchmarks.md). 0: off."
+        },
+    )
+    vae_blur_probability: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction of the VAE's training frames decoded from their latents blurred (Gaussian, sigma 1.5 "
+            "latent pixels), so that the decoder learns to draw an outline from the shape code where the latent's "
+            "outline is vague, as in a generator's samples. 0: off."
+        },
+    )
     # Dataset
     num_videos: int = field(default=3000, metadata={"help": "Rendered and encoded videos for the teacher."})
     # Teacher
@@ -190,6 +207,11 @@ class ToyTrainingConfig:
             raise ValueError(
                 "`first_chunk_fraction` must be in (0, 1] and `foreground_weight` >= 0, got "
                 f"{self.first_chunk_fraction} and {self.foreground_weight}."
+            )
+        if self.vae_shape_code_weight < 0 or not 0 <= self.vae_blur_probability <= 1:
+            raise ValueError(
+                "`vae_shape_code_weight` must be >= 0 and `vae_blur_probability` in [0, 1], got "
+                f"{self.vae_shape_code_weight} and {self.vae_blur_probability}."
             )
         if self.foreground_ring < 0:
             raise ValueError(f"`foreground_ring` must be >= 0 latent pixels, got {self.foreground_ring}.")
@@ -303,6 +325,20 @@ def _train_stage(
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def shape_code(layouts: list, frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The VAE's shape-code target ``[B, len(SHAPES), h, w]``: 2 x each shape's coverage of each latent pixel in frame
+    ``frames[b]`` ``[B]`` of ``layouts[b]`` (rendered at ``height`` x ``width``)."""
+    shapes = coverage(layouts, layouts[0].num_frames, height, width, per_shape=True)  # [B, F, S, H, W]
+    return 2 * nn.functional.avg_pool2d(shapes[torch.arange(len(layouts)), frames], TOY_VAE_STRIDES[0])
+
+
+def _gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
+    """A normalised 2-D Gaussian ``[1, 1, 2·radius + 1, 2·radius + 1]`` (a depthwise convolution's weight)."""
+    g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32).square() / (2 * sigma**2))
+    g = g[:, None] * g[None]
+    return (g / g.sum()).view(1, 1, 2 * radius + 1, 2 * radius + 1)
+
+
 def _scenes_and_seeds(rng: np.random.Generator, count: int):
     scenes = [sample_scene(rng) for _ in range(count)]
     return [caption(s) for s in scenes], scenes, [int(s) for s in rng.integers(2**31, size=count)]
@@ -336,17 +372,28 @@ def train_vae(cfg: ToyTrainingConfig, out: Path) -> list[float]:
     # value but passes its gradient straight through.
     hook = vae.decoder.register_forward_hook(lambda module, args, out: out - (out - out.clamp(-1, 1)).detach())
 
+    blur = _gaussian_kernel(1.5, 2).expand(vae.config.z_dim, 1, 5, 5)
+
     def loss_fn(step: int) -> torch.Tensor:
         rng, generator = _stage_rng(cfg.seed, 1, step)
         _, scenes, seeds = _scenes_and_seeds(rng, cfg.vae_batch_size)
-        videos = render(scenes, cfg.num_frames, cfg.height, cfg.width, seed=seeds)
-        one_frame_each = torch.as_tensor(rng.integers(cfg.num_frames, size=len(videos)))
-        x = _frames(videos[torch.arange(len(videos)), one_frame_each].unsqueeze(1))
+        layouts = [layout(scene, cfg.num_frames, seed) for scene, seed in zip(scenes, seeds, strict=True)]
+        videos = render(layouts, cfg.num_frames, cfg.height, cfg.width)
+        picked = (torch.arange(len(videos)), torch.as_tensor(rng.integers(cfg.num_frames, size=len(videos))))
+        x = _frames(videos[picked].unsqueeze(1))
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
+        if cfg.vae_blur_probability:
+            blurred = nn.functional.conv2d(z[:, :, 0], blur, padding=2, groups=z.shape[1]).unsqueeze(2)
+            chosen = torch.rand(len(z), generator=generator) < cfg.vae_blur_probability
+            z = torch.where(chosen.view(-1, 1, 1, 1, 1), blurred, z)
         reconstruction = vae.decode(z).sample
         kl = posterior.kl().mean() / z[0].numel()
-        return (reconstruction - x).abs().mean() + (reconstruction - x).square().mean() + cfg.vae_kl_weight * kl
+        loss = (reconstruction - x).abs().mean() + (reconstruction - x).square().mean() + cfg.vae_kl_weight * kl
+        if cfg.vae_shape_code_weight:
+            code = shape_code(layouts, picked[1], cfg.height, cfg.width)
+            loss = loss + cfg.vae_shape_code_weight * (posterior.mean[:, : code.shape[1], 0] - code).square().mean()
+        return loss
 
     losses = _train_stage(
         "vae",

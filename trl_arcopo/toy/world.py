@@ -483,17 +483,22 @@ def coverage(
     height: int = 64,
     width: int = 64,
     seed: int | Sequence[int] = 0,
+    per_shape: bool = False,
 ) -> torch.Tensor:
     """How much of each pixel the objects of :func:`render`'s videos cover (same arguments, same layouts).
 
+    Args:
+        per_shape: one coverage map per shape of :data:`SHAPES` (that shape's objects only).
+
     Returns:
-        ``[B, F, H, W]`` float32 in ``[0, 1]``: 0 on the background, 1 inside an object, fractional on the
-        anti-aliased edges.
+        ``[B, F, H, W]`` (``per_shape``: ``[B, F, len(SHAPES), H, W]``) float32 in ``[0, 1]``: 0 on the background,
+        1 inside an object, fractional on the anti-aliased edges.
     """
     masks = []
     for scene in _layouts(scenes, num_frames, height, width, seed):
-        covered = torch.zeros(num_frames, 1, height, width)
-        for _, alpha in _object_alphas(scene, height, width):
-            covered = torch.maximum(covered, alpha)
-        masks.append(covered.squeeze(1))
+        covered = torch.zeros(num_frames, len(SHAPES), height, width)
+        for obj, alpha in _object_alphas(scene, height, width):
+            k = SHAPES.index(obj.shape)
+            covered[:, k : k + 1] = torch.maximum(covered[:, k : k + 1], alpha)
+        masks.append(covered if per_shape else covered.amax(1))
     return torch.stack(masks)
