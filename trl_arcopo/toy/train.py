@@ -372,7 +372,7 @@ def train_vae(cfg: ToyTrainingConfig, out: Path) -> list[float]:
     # value but passes its gradient straight through.
     hook = vae.decoder.register_forward_hook(lambda module, args, out: out - (out - out.clamp(-1, 1)).detach())
 
-    blur = _gaussian_kernel(1.5, 2).expand(vae.config.z_dim, 1, 5, 5)
+    blur = _gaussian_kernel(1.5, 2).expand(vae.config.z_dim, 1, -1, -1)  # depthwise over the latent's channels
 
     def loss_fn(step: int) -> torch.Tensor:
         rng, generator = _stage_rng(cfg.seed, 1, step)
@@ -384,7 +384,8 @@ def train_vae(cfg: ToyTrainingConfig, out: Path) -> list[float]:
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
         if cfg.vae_blur_probability:
-            blurred = nn.functional.conv2d(z[:, :, 0], blur, padding=2, groups=z.shape[1]).unsqueeze(2)
+            blurred = nn.functional.conv2d(z[:, :, 0], blur, padding=blur.shape[-1] // 2, groups=z.shape[1])
+            blurred = blurred.unsqueeze(2)  # [B, C, 1, h, w]
             chosen = torch.rand(len(z), generator=generator) < cfg.vae_blur_probability
             z = torch.where(chosen.view(-1, 1, 1, 1, 1), blurred, z)
         reconstruction = vae.decode(z).sample
