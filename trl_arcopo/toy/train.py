@@ -91,7 +91,7 @@ class ToyTrainingConfig:
     vae_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the VAE."})
     vae_kl_weight: float = field(default=1e-4, metadata={"help": "Weight of the per-element KL term."})
     vae_shape_code_weight: float = field(
-        default=0.0,
+        default=1.0,
         metadata={
             "help": "Weight of a term that makes the latent's first channels (one per shape of the world) a per-pixel "
             "code of the objects' shape: their posterior mean is pulled to 2 x that shape's coverage of each latent "
@@ -100,7 +100,7 @@ class ToyTrainingConfig:
         },
     )
     vae_blur_probability: float = field(
-        default=0.0,
+        default=0.5,
         metadata={
             "help": "Fraction of the VAE's training frames decoded from their latents blurred (Gaussian, sigma 1.5 "
             "latent pixels), so that the decoder learns to draw an outline from the shape code where the latent's "
