@@ -13,6 +13,7 @@ from torch import nn
 from trl_arcopo import cli
 from trl_arcopo.toy import train as toy_train
 from trl_arcopo.toy.train import ToyTrainingConfig, _train_stage, ode_sample, train_toy_pipeline
+from trl_arcopo.toy.world import render
 
 
 def _stage(tmp_path, steps: int, fail_at: int | None = None) -> nn.Module:
@@ -72,6 +73,41 @@ def test_config_rejects_bad_sizes():
         ToyTrainingConfig(dmd_regression_weight=-1.0)
 
 
+class _Captured(Exception):
+    pass
+
+
+def _first_vae_step(monkeypatch, tmp_path, **settings) -> dict:
+    """The VAE stage's first step for 4 frames of 16x16 pixels and the config `settings`: its loss (`loss`), its
+    encoder's input (`x`, ``[B, 3, 1, H, W]``) and mean (`mean`, ``[B, 16, 1, h, w]``), its decoder's input (`z`)."""
+    captured = {}
+
+    def first_loss(name, modules, loss_fn, **kwargs):
+        vae = modules["vae"]
+        hooks = [  # the encoder's mean (the first z_dim channels of quant_conv's output) and the decoder's input
+            vae.encoder.register_forward_pre_hook(lambda m, a: captured.update(x=a[0].detach())),
+            vae.quant_conv.register_forward_hook(lambda m, a, out: captured.update(mean=out[:, :16].detach())),
+            vae.post_quant_conv.register_forward_pre_hook(lambda m, a: captured.update(z=a[0].detach())),
+        ]
+        captured["loss"] = loss_fn(0).item()
+        for hook in hooks:
+            hook.remove()
+        raise _Captured
+
+    monkeypatch.setattr(toy_train, "_train_stage", first_loss)
+    cfg = ToyTrainingConfig(output_dir=str(tmp_path), num_frames=3, height=16, width=16, vae_batch_size=4, **settings)
+    with pytest.raises(_Captured):
+        toy_train.train_vae(cfg, tmp_path)
+    return captured
+
+
+def _recorded(monkeypatch, name: str) -> list:
+    """Replace `toy_train.<name>` by a wrapper that appends each call's `(args, result)` to the returned list."""
+    calls, real = [], getattr(toy_train, name)
+    monkeypatch.setattr(toy_train, name, lambda *args: calls.append((args, real(*args))) or calls[-1][1])
+    return calls
+
+
 def test_the_vae_shape_code_term_and_the_blurred_decoder_inputs(tmp_path, monkeypatch):
     """`vae_shape_code_weight` adds w x the MSE between the encoder's mean in the first channels and the shape code of
     the frames it encodes; `vae_blur_probability=1` decodes every frame from its latent blurred."""
@@ -81,36 +117,12 @@ def test_the_vae_shape_code_term_and_the_blurred_decoder_inputs(tmp_path, monkey
     assert code.shape == (1, 3, 16, 16) and code.max() == 2
     assert not code[0, 0].any() and not code[0, 2].any() and (code[0, 1] == 2).sum() > 10  # the square's channel
 
-    captured, codes = {}, []
-
-    class Captured(Exception):
-        pass
-
-    def first_loss(name, modules, loss_fn, **kwargs):
-        vae = modules["vae"]
-        seen = {}
-        hooks = [  # the encoder's mean (the first z_dim channels of quant_conv's output) and the decoder's input
-            vae.quant_conv.register_forward_hook(lambda m, a, out: seen.update(mean=out[:, :16].detach())),
-            vae.post_quant_conv.register_forward_pre_hook(lambda m, a: seen.update(z=a[0].detach())),
-        ]
-        captured.update(loss=loss_fn(0).item(), **seen)
-        for hook in hooks:
-            hook.remove()
-        raise Captured
-
-    monkeypatch.setattr(toy_train, "_train_stage", first_loss)
-    real_code = toy_train.shape_code
-    monkeypatch.setattr(toy_train, "shape_code", lambda *args: codes.append(real_code(*args)) or codes[-1])
-    runs = {}
-    for weight, blur in ((0.0, 0.0), (3.0, 0.0), (0.0, 1.0)):
-        cfg = ToyTrainingConfig(
-            output_dir=str(tmp_path), num_frames=3, height=16, width=16, vae_batch_size=4,
-            vae_shape_code_weight=weight, vae_blur_probability=blur,
-        )  # fmt: skip
-        with pytest.raises(Captured):
-            toy_train.train_vae(cfg, tmp_path)
-        runs[weight, blur] = dict(captured)
-    (code,) = codes  # only the weighted run asks for the code
+    codes = _recorded(monkeypatch, "shape_code")
+    runs = {
+        (weight, blur): _first_vae_step(monkeypatch, tmp_path, vae_shape_code_weight=weight, vae_blur_probability=blur)
+        for weight, blur in ((0.0, 0.0), (3.0, 0.0), (0.0, 1.0))
+    }
+    ((_, code),) = codes  # only the weighted run asks for the code
     assert code.shape == (4, 3, 8, 8) and code.amax() == 2
     term = (runs[0.0, 0.0]["mean"][:, :3, 0] - code).square().mean().item()
     assert runs[3.0, 0.0]["loss"] == pytest.approx(runs[0.0, 0.0]["loss"] + 3 * term, rel=1e-5)
@@ -118,6 +130,39 @@ def test_the_vae_shape_code_term_and_the_blurred_decoder_inputs(tmp_path, monkey
     blurred = nn.functional.conv2d(z, toy_train._gaussian_kernel(1.5, 2).expand(16, 1, 5, 5), padding=2, groups=16)
     assert torch.allclose(runs[0.0, 1.0]["z"][:, :, 0], blurred, atol=1e-6)
     assert not torch.allclose(blurred, z, atol=1e-3)
+
+
+def test_the_motion_code_replaces_two_latent_channels_for_the_decoder_and_the_teacher(tmp_path, monkeypatch):
+    """`motion_code` decodes each VAE frame with channels 3-4 replaced by its frame's motion code, and stores the
+    teacher's latents with those channels replaced by the videos' codes (normalised as the rest)."""
+    plain = _first_vae_step(monkeypatch, tmp_path, vae_blur_probability=0.0)
+    codes = _recorded(monkeypatch, "motion_code")
+    coded = _first_vae_step(monkeypatch, tmp_path, vae_blur_probability=0.0, motion_code=True)
+    (((layouts, height, width), code),) = codes  # [B, 2, F, h, w] of the 4 videos
+    assert code.shape == (4, 2, 3, 8, 8) and code.abs().amax() == 2
+    z, z_coded = plain["z"][:, :, 0], coded["z"][:, :, 0]
+    keep = [c for c in range(16) if c not in (3, 4)]
+    assert torch.equal(z_coded[:, keep], z[:, keep]) and not torch.equal(z_coded, z)
+    frames = render(layouts, 3, height, width) * 2 - 1  # [B, F, 3, H, W]; the encoded frame of each video:
+    encoded = [int((frames[b] - coded["x"][b, :, 0]).abs().amax((1, 2, 3)).argmin()) for b in range(4)]
+    assert len(set(encoded)) > 1  # frames other than the first, so that the code's frame is checked
+    for b, f in enumerate(encoded):
+        assert torch.equal(z_coded[b, 3:5], code[b, :, f])
+
+    from diffusers import AutoencoderKLWan
+
+    from trl_arcopo.toy.components import toy_vae
+
+    toy_vae().save_pretrained(tmp_path / "vae")
+    codes.clear()
+    cfg = ToyTrainingConfig(
+        output_dir=str(tmp_path), num_frames=3, height=16, width=16, num_videos=4, motion_code=True
+    )
+    toy_train.encode_dataset(cfg, tmp_path)
+    stats = AutoencoderKLWan.from_pretrained(tmp_path / "vae").config
+    mean, std = (torch.tensor(values)[3:5].view(1, 2, 1, 1, 1) for values in (stats.latents_mean, stats.latents_std))
+    stored = load_file(tmp_path / "latents.safetensors")["latents"][:, 3:5]
+    torch.testing.assert_close(stored * std + mean, torch.cat([code for _, code in codes]))
 
 
 def test_loss_weight_spreads_the_objects_weight_over_the_ring():

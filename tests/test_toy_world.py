@@ -41,6 +41,7 @@ from trl_arcopo.toy.world import (
     parse,
     render,
     sample_scene,
+    travel_directions,
     vocabulary,
 )
 
@@ -131,6 +132,17 @@ def test_coverage_marks_the_rendered_objects():
     assert not per_shape[0, :, 2].any() and torch.equal(per_shape[1, :, 2], covered[1])
     with pytest.raises(ValueError, match="2 seeds for 1 scenes"):
         coverage(["a circle"], seed=[1, 2])
+
+
+def test_travel_directions_follow_the_objects_and_their_coverage():
+    scene = layout("a large red circle moving left and a small blue square bouncing", 6, seed=0)
+    circle, square = (replace(scene, objects=(obj,)) for obj in scene.objects)
+    directions = travel_directions(circle, 6, 32, 32)  # [B, F, 2, H, W]
+    assert directions.shape == (1, 6, 2, 32, 32)
+    assert torch.equal(directions[0, :, 0], -coverage(circle, 6, 32, 32)[0]) and not directions[0, :, 1].any()
+    assert not travel_directions(square, 6, 32, 32).any()  # a bouncing object has no direction of travel
+    down = travel_directions("a green triangle moving down", 6, 32, 32, seed=1)
+    assert torch.equal(down[0, :, 1], coverage("a green triangle moving down", 6, 32, 32, seed=1)[0])
 
 
 def test_objects_stay_in_the_frame():

@@ -58,7 +58,7 @@ from ..pipelines.sampler import renoise
 from ..utils.video_size import whole_chunk_frames
 from .components import TOY_PIPELINE_CONFIG, TOY_VAE_STRIDES, toy_transformer_config, toy_vae
 from .text import toy_text_encoder, toy_tokenizer
-from .world import caption, coverage, layout, render, sample_scene
+from .world import SHAPES, caption, coverage, layout, render, sample_scene, travel_directions
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -105,6 +105,16 @@ class ToyTrainingConfig:
             "help": "Fraction of the VAE's training frames decoded from their latents blurred (Gaussian, sigma 1.5 "
             "latent pixels), so that the decoder learns to draw an outline from the shape code where the latent's "
             "outline is vague, as in a generator's samples. 0: off."
+        },
+    )
+    motion_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the two latent channels after the shape code by a per-pixel code of each object's "
+            "direction of travel (2 x its (dx, dy), 0 on the background and on bouncing objects) in the latents the "
+            "generator trains on, and in the VAE's decoder inputs so that it decodes such latents. A per-frame "
+            "encoder cannot see motion; with the code the generator can take the direction from the caption as a "
+            "value per pixel in the first chunk, and its later chunks continue it."
         },
     )
     # Dataset
@@ -332,6 +342,20 @@ def shape_code(layouts: list, frames: torch.Tensor, height: int, width: int) -> 
     return 2 * nn.functional.avg_pool2d(shapes[torch.arange(len(layouts)), frames], TOY_VAE_STRIDES[0])
 
 
+def motion_code(layouts: list, height: int, width: int) -> torch.Tensor:
+    """The motion code ``[B, 2, F, h, w]`` of ``layouts`` (rendered at ``height`` x ``width``): 2 x the objects' direction
+    of travel on each latent pixel (`travel_directions`, averaged over the pixels the latent pixel covers)."""
+    directions = travel_directions(layouts, layouts[0].num_frames, height, width)  # [B, F, 2, H, W]
+    pooled = nn.functional.avg_pool2d(directions.flatten(0, 1), TOY_VAE_STRIDES[0])
+    return 2 * pooled.unflatten(0, directions.shape[:2]).transpose(1, 2)
+
+
+def with_motion_code(latents: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """``latents`` ``[B, C, F, h, w]`` with the channels after the shape code's replaced by ``code`` ``[B, 2, F, h, w]``."""
+    first = len(SHAPES)
+    return torch.cat([latents[:, :first], code, latents[:, first + code.shape[1] :]], dim=1)
+
+
 def _gaussian_kernel(sigma: float, radius: int) -> torch.Tensor:
     """A normalised 2-D Gaussian ``[1, 1, 2·radius + 1, 2·radius + 1]`` (a depthwise convolution's weight)."""
     g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32).square() / (2 * sigma**2))
@@ -383,6 +407,8 @@ def train_vae(cfg: ToyTrainingConfig, out: Path) -> list[float]:
         x = _frames(videos[picked].unsqueeze(1))
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
+        if cfg.motion_code:
+            z = with_motion_code(z, motion_code(layouts, cfg.height, cfg.width)[picked[0], :, picked[1]].unsqueeze(2))
         if cfg.vae_blur_probability:
             blurred = nn.functional.conv2d(z[:, :, 0], blur, padding=blur.shape[-1] // 2, groups=z.shape[1])
             blurred = blurred.unsqueeze(2)  # [B, C, 1, h, w]
@@ -423,7 +449,10 @@ def encode_dataset(cfg: ToyTrainingConfig, out: Path) -> None:
     for start in tqdm(range(0, cfg.num_videos, batch), desc="latents", dynamic_ncols=True):
         texts, scenes, seeds = _scenes_and_seeds(rng, min(batch, cfg.num_videos - start))
         layouts = [layout(scene, cfg.num_frames, seed) for scene, seed in zip(scenes, seeds, strict=True)]
-        latents.append(encode_videos(vae, render(layouts, cfg.num_frames, cfg.height, cfg.width)))
+        encoded = encode_videos(vae, render(layouts, cfg.num_frames, cfg.height, cfg.width))
+        latents.append(
+            with_motion_code(encoded, motion_code(layouts, cfg.height, cfg.width)) if cfg.motion_code else encoded
+        )
         covered = coverage(layouts, cfg.num_frames, cfg.height, cfg.width)
         foreground.append(torch.nn.functional.avg_pool2d(covered, TOY_VAE_STRIDES[0]))
         captions += texts

@@ -42,6 +42,7 @@ __all__ = [
     "render",
     "sample_captions",
     "sample_scene",
+    "travel_directions",
     "vocabulary",
 ]
 
@@ -502,3 +503,26 @@ def coverage(
             covered[:, k : k + 1] = torch.maximum(covered[:, k : k + 1], alpha)
         masks.append(covered if per_shape else covered.amax(1))
     return torch.stack(masks)
+
+
+def travel_directions(
+    scenes: Sequence[ToyScene | str | SceneLayout] | ToyScene | str,
+    num_frames: int = 33,
+    height: int = 64,
+    width: int = 64,
+    seed: int | Sequence[int] = 0,
+) -> torch.Tensor:
+    """The direction of travel (the ``(dx, dy)`` of :data:`DIRECTIONS`) of the object on each pixel of :func:`render`'s
+    videos (same arguments, same layouts), weighted by its coverage, later objects over earlier ones as drawn.
+
+    Returns:
+        ``[B, F, 2, H, W]`` float32 in ``[-1, 1]``: 0 on the background and on bouncing objects.
+    """
+    maps = []
+    for scene in _layouts(scenes, num_frames, height, width, seed):
+        directions = torch.zeros(num_frames, 2, height, width)
+        for obj, alpha in _object_alphas(scene, height, width):
+            travel = torch.tensor(DIRECTIONS[obj.direction] if obj.direction else (0.0, 0.0)).view(1, 2, 1, 1)
+            directions = directions * (1 - alpha) + alpha * travel
+        maps.append(directions)
+    return torch.stack(maps)
