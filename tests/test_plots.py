@@ -54,6 +54,19 @@ def test_eval_values_are_markers_and_ratios_are_on_a_log_scale():
     assert ratio_axes.get_yscale() == "log" and reward_axes.get_yscale() == "linear"
 
 
+def test_a_long_reward_series_gets_its_running_mean():
+    rewards = [float(i % 3) for i in range(18)]  # swings 0, 1, 2: the trend is flat at 1
+    history = [{"step": 2 * i + 1, "reward": r, "rewards/redness/mean": r} for i, r in enumerate(rewards)]
+    lines = _lines(training_curves_figure(history))
+    for title, label in (("Reward", "reward"), ("Rewards per function / head", "redness")):
+        assert set(lines[title]) == {label, f"{label}, mean of last 3"}
+        steps, mean = lines[title][f"{label}, mean of last 3"]
+        assert steps == lines[title][label][0] == list(range(1, 37, 2))
+        assert mean[:3] == [0.0, 0.5, 1.0] and mean[3:] == [1.0] * 15  # fewer values at the start
+    # Short series, and the other panels, are drawn as logged.
+    assert set(_lines(training_curves_figure(history[:11]))["Reward"]) == {"reward"}
+
+
 def test_kl_gets_a_panel_once_it_is_logged():
     lines = _lines(training_curves_figure([{"step": 1, "kl": 0.01}, {"step": 2, "kl": 0.02}]))
     assert lines == {"KL to the reference": {"kl": ([1, 2], [0.01, 0.02])}}
