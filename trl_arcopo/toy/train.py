@@ -108,13 +108,13 @@ class ToyTrainingConfig:
         },
     )
     motion_code: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Replace the two latent channels after the shape code by a per-pixel code of each object's "
             "direction of travel (2 x its (dx, dy), 0 on the background and on bouncing objects) in the latents the "
             "generator trains on, and in the VAE's decoder inputs so that it decodes such latents. A per-frame "
             "encoder cannot see motion; with the code the generator can take the direction from the caption as a "
-            "value per pixel in the first chunk, and its later chunks continue it."
+            "value per pixel in the first chunk, and its later chunks continue it. `--motion_code false`: off."
         },
     )
     # Dataset
