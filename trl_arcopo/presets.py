@@ -12,10 +12,10 @@ __all__ = ["TINY_TRAINING_ARGS", "TOY_TRAINING_ARGS"]
 # its video size (9 frames = 3 chunks of its per-frame latents), groups and LoRA for 2 CPU cores, and what keeps the
 # optimisation healthy at this scale, chosen from measurements (docs/benchmarks.md, "AR-CoPO on the toy generator"):
 # the paper's epsilon 1e-4 would clip every reused update; we train the first sampler step only (where the toy
-# sampler's candidates differ most: x̂0 spread 0.45, then 0.11-0.13) with epsilon 0.2 and lr 7e-4. Adam's first step
+# sampler's candidates differ most: x̂0 spread 0.38, then 0.05-0.07) with epsilon 0.2 and lr 7e-4. Adam's first step
 # moves every LoRA weight by the full learning rate whatever its gradient, and the update that reuses that first
 # rollout clipped up to 44 % of its ratios; 4 warmup steps keep every reused update's clipped fraction at or under
-# 12.5 % with ratio/mean within 3 % of 1 (lr 1e-3: up to 28 %, 8.5e-4: up to 38 %).
+# 9 % with ratio/mean within 2.2 % of 1 (on the earlier shape-code weights, lr 1e-3 clipped up to 28 %, 8.5e-4 38 %).
 TOY_TRAINING_ARGS: dict[str, Any] = {
     "num_frames": 9,
     "height": 32,
