@@ -135,7 +135,7 @@ def test_the_vae_shape_code_term_and_the_blurred_decoder_inputs(tmp_path, monkey
 def test_the_motion_code_replaces_two_latent_channels_for_the_decoder_and_the_teacher(tmp_path, monkeypatch):
     """`motion_code` decodes each VAE frame with channels 3-4 replaced by its frame's motion code, and stores the
     teacher's latents with those channels replaced by the videos' codes (normalised as the rest)."""
-    plain = _first_vae_step(monkeypatch, tmp_path, vae_blur_probability=0.0)
+    plain = _first_vae_step(monkeypatch, tmp_path, vae_blur_probability=0.0, motion_code=False)
     codes = _recorded(monkeypatch, "motion_code")
     coded = _first_vae_step(monkeypatch, tmp_path, vae_blur_probability=0.0, motion_code=True)
     (((layouts, height, width), code),) = codes  # [B, 2, F, h, w] of the 4 videos
