@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -424,16 +424,25 @@ def _object_alphas(scene: SceneLayout, height: int, width: int):
         yield obj, (0.5 - sdf).clamp(0, 1).unsqueeze(1)
 
 
+def _composite(
+    scene: SceneLayout, height: int, width: int, base: torch.Tensor, value: Callable[[ObjectLayout], torch.Tensor]
+) -> torch.Tensor:
+    """``base`` ``[F, C, H, W]`` with each object's ``value(obj)`` (``[F or 1, C, 1, 1]``) painted over it by its
+    coverage, in drawing order: what :func:`render` shows, and what :func:`travel_directions` reads, per pixel."""
+    for obj, alpha in _object_alphas(scene, height, width):
+        base = base * (1 - alpha) + value(obj) * alpha
+    return base
+
+
 def _render_one(scene: SceneLayout, height: int, width: int) -> torch.Tensor:
     num_frames = scene.num_frames
     top = torch.tensor(scene.background_top).view(3, 1, 1)
     bottom = torch.tensor(scene.background_bottom).view(3, 1, 1)
     blend = ((torch.arange(height, dtype=torch.float32) + 0.5) / height).view(1, height, 1)
-    video = (top + (bottom - top) * blend).expand(num_frames, 3, height, width).clone()
-    for obj, alpha in _object_alphas(scene, height, width):
-        color = _color_over_time(obj, num_frames).view(num_frames, 3, 1, 1)
-        video = video * (1 - alpha) + color * alpha
-    return video
+    background = (top + (bottom - top) * blend).expand(num_frames, 3, height, width)
+    return _composite(
+        scene, height, width, background, lambda obj: _color_over_time(obj, num_frames).view(num_frames, 3, 1, 1)
+    )
 
 
 def _layouts(scenes, num_frames: int, height: int, width: int, seed: int | Sequence[int]) -> list[SceneLayout]:
@@ -518,11 +527,14 @@ def travel_directions(
     Returns:
         ``[B, F, 2, H, W]`` float32 in ``[-1, 1]``: 0 on the background and on bouncing objects.
     """
-    maps = []
-    for scene in _layouts(scenes, num_frames, height, width, seed):
-        directions = torch.zeros(num_frames, 2, height, width)
-        for obj, alpha in _object_alphas(scene, height, width):
-            travel = torch.tensor(DIRECTIONS[obj.direction] if obj.direction else (0.0, 0.0)).view(1, 2, 1, 1)
-            directions = directions * (1 - alpha) + alpha * travel
-        maps.append(directions)
-    return torch.stack(maps)
+
+    def travel(obj: ObjectLayout) -> torch.Tensor:
+        return torch.tensor(DIRECTIONS[obj.direction] if obj.direction else (0.0, 0.0)).view(1, 2, 1, 1)
+
+    empty = torch.zeros(num_frames, 2, height, width)
+    return torch.stack(
+        [
+            _composite(scene, height, width, empty, travel)
+            for scene in _layouts(scenes, num_frames, height, width, seed)
+        ]
+    )
