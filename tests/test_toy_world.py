@@ -396,7 +396,7 @@ def _scenes(count, seed):
 def test_detector_accuracy_on_perfect_renders_at_32px():
     """200 random training captions at the generator's size (12 frames of 32x32). Alone, an object is always read
     right (measured 100 %); the misses are two-object scenes where one object hides part of the other for the whole
-    video or two objects of one colour merge (measured over all 200: colour 96 %, shape 93.5 %, direction 97 %)."""
+    video or two objects of one colour merge (measured over all 200: colour 96 %, shape 95 %, direction 97 %)."""
     texts = _scenes(200, 0)
     videos = render(texts, 12, 32, 32, seed=1000)
     alone = _rates(texts, videos, objects=1)
@@ -407,8 +407,8 @@ def test_detector_accuracy_on_perfect_renders_at_32px():
 
 @pytest.mark.slow
 def test_detector_accuracy_on_perfect_renders_at_64px():
-    """33 frames of 64x64 (measured on 200 scenes: colour 98 %, shape 93.5 %, direction 98 %; on these 40 scenes,
-    shape 87.5 %: the standard error of 40 scenes is ~4 points)."""
+    """33 frames of 64x64 (measured on 200 scenes of this seed: colour 95 %, shape 92 %, direction 94.5 %; the
+    standard error of these 40 scenes is ~4 points)."""
     texts = _scenes(40, 1)
     rates = _rates(texts, render(texts, 33, 64, 64, seed=2000))
     assert rates["color"] >= 0.93 and rates["shape"] >= 0.8 and rates["direction"] >= 0.9, rates
@@ -417,7 +417,7 @@ def test_detector_accuracy_on_perfect_renders_at_64px():
 @pytest.mark.parametrize("degrade", [blur, noisy, color_shifted], ids=["blur", "noise", "color_shift"])
 def test_detector_accuracy_on_degraded_renders(degrade):
     """Blurred (σ = 1.2 px), noisy (σ = 0.05) and colour-shifted 32x32 renders are judged as a person would (measured
-    on 200 scenes, over all scenes: colour ≥ 96 %, shape ≥ 89.5 %, direction ≥ 96 %; alone 100 %)."""
+    on 200 scenes, over all scenes: colour ≥ 95.5 %, shape ≥ 92 %, direction ≥ 96.5 %; alone 100 %)."""
     texts = _scenes(100, 3)
     videos = degrade(render(texts, 12, 32, 32, seed=7))
     alone = _rates(texts, videos, objects=1)
@@ -438,6 +438,22 @@ def test_shapes_of_single_objects_at_several_sizes():
             got = blobs.shape_index[:, :, 0]
             expected = torch.tensor([SHAPES.index(s.objects[0].shape) for s in scenes])[:, None].expand_as(got)
             assert (got == expected).float().mean() >= 0.9, (height, width, got)
+
+
+def test_a_ragged_outline_keeps_its_shape():
+    """A pixel stuck out of each side, as on a generator's ragged outline, leaves a square a square and a circle a
+    circle (a bounding-box fill ratio read that square as a circle: its box grows by two rows and two columns)."""
+    for shape in ("square", "circle"):
+        scene = ToyScene((ToyObject(shape, color="yellow", size="large", motion="bouncing"),), "black")
+        videos = render([scene], 3, 32, 32, seed=4)
+        ragged = videos.clone()
+        for f, solid in enumerate(videos[0, :, 0] > 0.5):  # yellow on black: the red channel is the object
+            ys, xs = solid.nonzero(as_tuple=True)
+            cy, cx = int(ys.float().mean()), int(xs.float().mean())
+            for y, x in ((cy, xs.max() + 1), (cy, xs.min() - 1), (ys.max() + 1, cx), (ys.min() - 1, cx)):
+                ragged[0, f, :, y, x] = videos[0, f, :, cy, cx]
+        assert (ragged != videos).any()
+        assert (detect_blobs(ragged).shape_index[0, :, 0] == SHAPES.index(shape)).all(), shape
 
 
 # --------------------------------------------------------------------------------------------------------------------
