@@ -348,7 +348,7 @@ def shape_code(layouts: list, frames: torch.Tensor, height: int, width: int) -> 
     """The VAE's shape-code target ``[B, len(SHAPES), h, w]``: 2 x each shape's coverage of each latent pixel in frame
     ``frames[b]`` ``[B]`` of ``layouts[b]`` (rendered at ``height`` x ``width``)."""
     shapes = coverage(layouts, layouts[0].num_frames, height, width, per_shape=True)  # [B, F, S, H, W]
-    return 2 * nn.functional.avg_pool2d(shapes[torch.arange(len(layouts)), frames], TOY_VAE_STRIDES[0])
+    return _latent_code(shapes)[torch.arange(len(layouts)), :, frames]
 
 
 def motion_code(layouts: list, height: int, width: int) -> torch.Tensor:
