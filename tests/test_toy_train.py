@@ -132,32 +132,22 @@ def test_the_vae_shape_code_term_and_the_blurred_decoder_inputs(tmp_path, monkey
     assert not torch.allclose(blurred, z, atol=1e-3)
 
 
-@pytest.mark.parametrize(("motion", "instance"), [(True, False), (True, True), (False, True)])
-def test_the_written_codes_replace_the_channels_after_the_shape_code_for_the_decoder_and_the_teacher(
-    tmp_path, monkeypatch, motion, instance
-):
-    """`motion_code` (2 channels) and `instance_code` (1), in that order, replace the channels after the shape code's:
-    each VAE frame is decoded with them replaced by its own frame's codes, and the teacher's latents are stored with them
-    replaced by the videos' codes (normalised as the rest)."""
-    plain = _first_vae_step(monkeypatch, tmp_path, vae_blur_probability=0.0, motion_code=False, instance_code=False)
-    codes = _recorded(monkeypatch, "written_code")
-    coded = _first_vae_step(
-        monkeypatch, tmp_path, vae_blur_probability=0.0, motion_code=motion, instance_code=instance
-    )
-    (((_, layouts), code),) = codes  # [B, K, F, h, w] of the 4 videos
-    written = [toy_train.motion_code(layouts, 16, 16)] if motion else []
-    written += [toy_train.instance_code(layouts, 16, 16)] if instance else []
-    assert torch.equal(code, torch.cat(written, dim=1))
-    channels = range(3, 3 + code.shape[1])
-    assert code.shape == (4, 2 * motion + instance, 3, 8, 8) and code.abs().amax() == 2
+def test_the_motion_code_replaces_two_latent_channels_for_the_decoder_and_the_teacher(tmp_path, monkeypatch):
+    """`motion_code` decodes each VAE frame with channels 3-4 replaced by its frame's motion code, and stores the
+    teacher's latents with those channels replaced by the videos' codes (normalised as the rest)."""
+    plain = _first_vae_step(monkeypatch, tmp_path, vae_blur_probability=0.0, motion_code=False)
+    codes = _recorded(monkeypatch, "motion_code")
+    coded = _first_vae_step(monkeypatch, tmp_path, vae_blur_probability=0.0, motion_code=True)
+    (((layouts, height, width), code),) = codes  # [B, 2, F, h, w] of the 4 videos
+    assert code.shape == (4, 2, 3, 8, 8) and code.abs().amax() == 2
     z, z_coded = plain["z"][:, :, 0], coded["z"][:, :, 0]
-    keep = [c for c in range(16) if c not in channels]
+    keep = [c for c in range(16) if c not in (3, 4)]
     assert torch.equal(z_coded[:, keep], z[:, keep]) and not torch.equal(z_coded, z)
-    frames = render(layouts, 3, 16, 16) * 2 - 1  # [B, F, 3, H, W]; the encoded frame of each video:
+    frames = render(layouts, 3, height, width) * 2 - 1  # [B, F, 3, H, W]; the encoded frame of each video:
     encoded = [int((frames[b] - coded["x"][b, :, 0]).abs().amax((1, 2, 3)).argmin()) for b in range(4)]
     assert len(set(encoded)) > 1  # frames other than the first, so that the code's frame is checked
     for b, f in enumerate(encoded):
-        assert torch.equal(z_coded[b, channels], code[b, :, f])
+        assert torch.equal(z_coded[b, 3:5], code[b, :, f])
 
     from diffusers import AutoencoderKLWan
 
@@ -166,29 +156,13 @@ def test_the_written_codes_replace_the_channels_after_the_shape_code_for_the_dec
     toy_vae().save_pretrained(tmp_path / "vae")
     codes.clear()
     cfg = ToyTrainingConfig(
-        output_dir=str(tmp_path),
-        num_frames=3,
-        height=16,
-        width=16,
-        num_videos=4,
-        motion_code=motion,
-        instance_code=instance,
+        output_dir=str(tmp_path), num_frames=3, height=16, width=16, num_videos=4, motion_code=True
     )
     toy_train.encode_dataset(cfg, tmp_path)
     stats = AutoencoderKLWan.from_pretrained(tmp_path / "vae").config
-    mean, std = (
-        torch.tensor(values)[channels].view(1, -1, 1, 1, 1) for values in (stats.latents_mean, stats.latents_std)
-    )
-    stored = load_file(tmp_path / "latents.safetensors")["latents"][:, channels]
+    mean, std = (torch.tensor(values)[3:5].view(1, 2, 1, 1, 1) for values in (stats.latents_mean, stats.latents_std))
+    stored = load_file(tmp_path / "latents.safetensors")["latents"][:, 3:5]
     torch.testing.assert_close(stored * std + mean, torch.cat([code for _, code in codes]))
-
-
-def test_the_instance_code_marks_the_first_named_object_plus_and_the_second_minus():
-    from trl_arcopo.toy.world import layout
-
-    scene = layout("a large red circle moving left and a large blue square moving right", 3, seed=0)
-    code = toy_train.instance_code([scene], 32, 32)  # [1, 1, F, 16, 16]
-    assert code.shape == (1, 1, 3, 16, 16) and code.amax() == 2 and code.amin() == -2
 
 
 def test_loss_weight_spreads_the_objects_weight_over_the_ring():

@@ -43,7 +43,6 @@ from trl_arcopo.toy.world import (
     sample_scene,
     travel_directions,
     vocabulary,
-    which_object,
 )
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -144,20 +143,6 @@ def test_travel_directions_follow_the_objects_and_their_coverage():
     assert not travel_directions(square, 6, 32, 32).any()  # a bouncing object has no direction of travel
     down = travel_directions("a green triangle moving down", 6, 32, 32, seed=1)
     assert torch.equal(down[0, :, 1], coverage("a green triangle moving down", 6, 32, 32, seed=1)[0])
-
-
-def test_which_object_tells_the_first_named_object_from_the_second_as_drawn():
-    scene = layout("a large red circle moving left and a large blue square moving right", 6, seed=0)
-    first, second = (replace(scene, objects=(obj,)) for obj in scene.objects)
-    which = which_object(scene, 6, 32, 32)  # [B, F, 1, H, W]
-    assert which.shape == (1, 6, 1, 32, 32)
-    assert torch.equal(which_object(first, 6, 32, 32)[0, :, 0], coverage(first, 6, 32, 32)[0])
-    assert torch.equal(which_object(second, 6, 32, 32)[0, :, 0], coverage(second, 6, 32, 32)[0])  # first named: +1
-    covered_first, covered_second = coverage(first, 6, 32, 32)[0], coverage(second, 6, 32, 32)[0]
-    only_first = (covered_first == 1) & (covered_second == 0)
-    assert only_first.any() and (which[0, :, 0][only_first] == 1).all()
-    assert (which[0, :, 0][covered_second == 1] == -1).all()  # the second is drawn over the first
-    assert not which[0, :, 0][(covered_first == 0) & (covered_second == 0)].any()
 
 
 def test_objects_stay_in_the_frame():

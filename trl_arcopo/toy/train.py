@@ -58,7 +58,7 @@ from ..pipelines.sampler import renoise
 from ..utils.video_size import whole_chunk_frames
 from .components import TOY_PIPELINE_CONFIG, TOY_VAE_STRIDES, toy_transformer_config, toy_vae
 from .text import toy_text_encoder, toy_tokenizer
-from .world import SHAPES, caption, coverage, layout, render, sample_scene, travel_directions, which_object
+from .world import SHAPES, caption, coverage, layout, render, sample_scene, travel_directions
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -115,15 +115,6 @@ class ToyTrainingConfig:
             "generator trains on, and in the VAE's decoder inputs so that it decodes such latents. A per-frame "
             "encoder cannot see motion; with the code the generator can take the direction from the caption as a "
             "value per pixel in the first chunk, and its later chunks continue it. `--motion_code false`: off."
-        },
-    )
-    instance_code: bool = field(
-        default=False,
-        metadata={
-            "help": "Write one more latent channel, after the motion code's, the same way: which of the caption's "
-            "objects is on each pixel (2 x +1 for the first named, -1 for the second, 0 on the background). In "
-            "two-object scenes the generator can then decide per pixel which object it draws, and take that object's "
-            "colour and shape from the caption, instead of blending the two objects' into one blob."
         },
     )
     # Dataset
@@ -357,34 +348,14 @@ def motion_code(layouts: list, height: int, width: int) -> torch.Tensor:
     return _latent_code(travel_directions(layouts, layouts[0].num_frames, height, width))
 
 
-def instance_code(layouts: list, height: int, width: int) -> torch.Tensor:
-    """The instance code ``[B, 1, F, h, w]`` of ``layouts``: 2 x which of the caption's objects is on each latent pixel
-    (`which_object`: +1 the first named, -1 the second), averaged over the pixels the latent pixel covers."""
-    return _latent_code(which_object(layouts, layouts[0].num_frames, height, width))
-
-
 def _latent_code(maps: torch.Tensor) -> torch.Tensor:
     """Per-pixel maps ``[B, F, K, H, W]`` -> 2 x their average over each latent pixel, ``[B, K, F, h, w]``."""
     pooled = nn.functional.avg_pool2d(maps.flatten(0, 1), TOY_VAE_STRIDES[0])
     return 2 * pooled.unflatten(0, maps.shape[:2]).transpose(1, 2)
 
 
-def written_code(cfg: ToyTrainingConfig, layouts: list) -> torch.Tensor | None:
-    """The codes the world writes into the latents (``motion_code``, then ``instance_code``, those ``cfg`` turns on)
-    ``[B, K, F, h, w]``, or None when none is on."""
-    codes = [
-        code(layouts, cfg.height, cfg.width)
-        for code, on in ((motion_code, cfg.motion_code), (instance_code, cfg.instance_code))
-        if on
-    ]
-    return torch.cat(codes, dim=1) if codes else None
-
-
-def with_written_code(latents: torch.Tensor, code: torch.Tensor | None) -> torch.Tensor:
-    """``latents`` ``[B, C, F, h, w]`` with the channels after the shape code's replaced by ``code`` ``[B, K, F, h, w]``
-    (unchanged for None)."""
-    if code is None:
-        return latents
+def with_motion_code(latents: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """``latents`` ``[B, C, F, h, w]`` with the channels after the shape code's replaced by ``code`` ``[B, 2, F, h, w]``."""
     first = len(SHAPES)
     return torch.cat([latents[:, :first], code, latents[:, first + code.shape[1] :]], dim=1)
 
@@ -440,8 +411,8 @@ def train_vae(cfg: ToyTrainingConfig, out: Path) -> list[float]:
         x = _frames(videos[picked].unsqueeze(1))
         posterior = vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
-        code = written_code(cfg, layouts)
-        z = with_written_code(z, None if code is None else code[picked[0], :, picked[1]].unsqueeze(2))
+        if cfg.motion_code:
+            z = with_motion_code(z, motion_code(layouts, cfg.height, cfg.width)[picked[0], :, picked[1]].unsqueeze(2))
         if cfg.vae_blur_probability:
             blurred = nn.functional.conv2d(z[:, :, 0], blur, padding=blur.shape[-1] // 2, groups=z.shape[1])
             blurred = blurred.unsqueeze(2)  # [B, C, 1, h, w]
@@ -483,7 +454,9 @@ def encode_dataset(cfg: ToyTrainingConfig, out: Path) -> None:
         texts, scenes, seeds = _scenes_and_seeds(rng, min(batch, cfg.num_videos - start))
         layouts = [layout(scene, cfg.num_frames, seed) for scene, seed in zip(scenes, seeds, strict=True)]
         encoded = encode_videos(vae, render(layouts, cfg.num_frames, cfg.height, cfg.width))
-        latents.append(with_written_code(encoded, written_code(cfg, layouts)))
+        latents.append(
+            with_motion_code(encoded, motion_code(layouts, cfg.height, cfg.width)) if cfg.motion_code else encoded
+        )
         covered = coverage(layouts, cfg.num_frames, cfg.height, cfg.width)
         foreground.append(torch.nn.functional.avg_pool2d(covered, TOY_VAE_STRIDES[0]))
         captions += texts

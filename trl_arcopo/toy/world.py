@@ -44,7 +44,6 @@ __all__ = [
     "sample_scene",
     "travel_directions",
     "vocabulary",
-    "which_object",
 ]
 
 COLORS: dict[str, tuple[float, float, float]] = {
@@ -536,34 +535,6 @@ def travel_directions(
     return torch.stack(
         [
             _composite(scene, height, width, empty, travel)
-            for scene in _layouts(scenes, num_frames, height, width, seed)
-        ]
-    )
-
-
-def which_object(
-    scenes: Sequence[ToyScene | str | SceneLayout] | ToyScene | str,
-    num_frames: int = 33,
-    height: int = 64,
-    width: int = 64,
-    seed: int | Sequence[int] = 0,
-) -> torch.Tensor:
-    """Which of the caption's objects is on each pixel of :func:`render`'s videos (same arguments, same layouts): +1 for
-    the first object named, -1 for the second, weighted by its coverage, later objects over earlier ones as drawn.
-
-    Returns:
-        ``[B, F, 1, H, W]`` float32 in ``[-1, 1]``: 0 on the background.
-    """
-    empty = torch.zeros(num_frames, 1, height, width)
-    return torch.stack(
-        [
-            _composite(
-                scene,
-                height,
-                width,
-                empty,
-                lambda obj, first=scene.objects[0]: torch.tensor(1.0 if obj is first else -1.0),
-            )
             for scene in _layouts(scenes, num_frames, height, width, seed)
         ]
     )
