@@ -106,6 +106,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", choices=PIPELINES, default="toy", help="the generator (and its training preset)")
     parser.add_argument(
+        "--model",
+        default=None,
+        help="a CausalWanPipeline folder to train instead of the shipped one, with --pipeline's preset (e.g. another "
+        "seed's `trl-arcopo toy-train` run: RUN/pipeline)",
+    )
+    parser.add_argument(
         "--rewards",
         nargs="+",
         default=DEFAULT_REWARDS,
@@ -153,8 +159,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_pipeline(name: str):
-    """A fresh pipeline (every run adds its own LoRA adapter to the transformer)."""
+def load_pipeline(name: str, model: str | None = None):
+    """A fresh pipeline (every run adds its own LoRA adapter to the transformer): the folder ``model``, else the
+    generator named ``name``."""
+    if model is not None:
+        from trl_arcopo.pipelines.causal_wan import CausalWanPipeline
+
+        return CausalWanPipeline.from_pretrained(model)
     if name == "tiny":
         from trl_arcopo.testing import tiny_causal_wan_pipeline
 
@@ -218,7 +229,7 @@ def _trainer(args: argparse.Namespace, reward: str, method: str, seed: int, step
 
     transformers.set_seed(seed)  # the LoRA initialisation
     trainer = ARCoPOTrainer(
-        load_pipeline(args.pipeline),
+        load_pipeline(args.pipeline, args.model),
         reward_function(reward),
         args=_config(args, method, seed, steps, output_dir),
         train_dataset=Dataset.from_dict({"prompt": TRAIN_PROMPTS}),
@@ -464,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name in unknown:
             load_reward(name)  # fails early, with the registry's message, on a name that is not a reward
     print(
-        f"# bench_learning: pipeline={args.pipeline}, rewards={args.rewards}, seeds={args.seeds}, steps={args.steps}, "
+        f"# bench_learning: pipeline={args.model or args.pipeline}, rewards={args.rewards}, seeds={args.seeds}, steps={args.steps}, "
         f"methods={args.methods}, eval prompts={args.eval_prompts}; torch {torch.__version__}, "
         f"{platform.machine()}, threads={torch.get_num_threads()}"
     )
@@ -472,7 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = _config(args, "fork", 0, 1, tempfile.gettempdir())  # the video size of the evaluations
     runs = []
     for reward in args.rewards:
-        before = evaluate(load_pipeline(args.pipeline), reward, config, args.eval_prompts)
+        before = evaluate(load_pipeline(args.pipeline, args.model), reward, config, args.eval_prompts)
         for seed in args.seeds:
             for method in args.methods:
                 runs.append(train_run(args, reward, method, seed, before))

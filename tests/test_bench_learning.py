@@ -80,3 +80,15 @@ def test_quick_run_on_the_tiny_pipeline(bench, tmp_path, capsys):
     assert spread[0] == 0 and spread[1] > 0  # SDE branches share the initial noise and differ from the re-noise on
     assert all(s > 0 for s in runs["fork"]["spread_per_step"])
     assert all(-1 <= c <= 1 for values in results["cosines"].values() for c in values)
+
+
+def test_model_loads_a_pipeline_folder_instead_of_the_named_generator(bench, tmp_path):
+    from trl_arcopo.testing import tiny_causal_wan_pipeline
+
+    tiny = tiny_causal_wan_pipeline()
+    tiny.save_pretrained(tmp_path / "pipeline")
+    args = bench.parse_args(["--pipeline", "tiny", "--model", str(tmp_path / "pipeline")])
+    loaded = bench.load_pipeline(args.pipeline, args.model)
+    for name, value in tiny.transformer.state_dict().items():
+        assert torch.equal(loaded.transformer.state_dict()[name], value), name
+    assert bench.parse_args(["--pipeline", "tiny"]).model is None
