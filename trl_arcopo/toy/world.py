@@ -80,8 +80,6 @@ HELD_OUT_PAIRS = frozenset({("magenta", "triangle"), ("cyan", "square"), ("green
 _MOTIONS = ("moving", "bouncing")
 _SIZE_RANGE = (SIZES["small"][0], SIZES["large"][1])
 _SPEED_RANGE = (SPEEDS["slowly"][0], SPEEDS["quickly"][1])
-# Draws of an object's layout until it starts clear of the objects before it (then the last draw is kept).
-_PLACEMENT_TRIES = 64
 
 
 @dataclass(frozen=True)
@@ -366,30 +364,18 @@ def _object_layout(obj: ToyObject, num_frames: int, rng: np.random.Generator) ->
     )
 
 
-def _apart_at_start(a: ObjectLayout, b: ObjectLayout) -> bool:
-    """Whether two objects' circumscribed circles do not overlap in the first frame."""
-    reach = a.radius * _CIRCUMRADIUS[a.shape] + b.radius * _CIRCUMRADIUS[b.shape]
-    return math.hypot(a.x[0] - b.x[0], a.y[0] - b.y[0]) >= reach
-
-
 def layout(scene: ToyScene | str, num_frames: int, seed: int | np.random.Generator) -> SceneLayout:
     """Resolve everything a scene (or caption) leaves unspecified, deterministically from ``seed``."""
     scene = parse(scene) if isinstance(scene, str) else scene
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    objects: list[ObjectLayout] = []
-    for obj in scene.objects:
-        for _ in range(_PLACEMENT_TRIES):
-            placed = _object_layout(obj, num_frames, rng)
-            if all(_apart_at_start(placed, other) for other in objects):
-                break
-        objects.append(placed)
+    objects = tuple(_object_layout(obj, num_frames, rng) for obj in scene.objects)
     background = scene.background or str(rng.choice(list(BACKGROUNDS)))
     if background == "gradient":
         tones = [c for name, c in BACKGROUNDS.items() if c is not None]
         top, bottom = (tones[i] for i in rng.choice(len(tones), size=2, replace=False))
     else:
         top = bottom = BACKGROUNDS[background]
-    return SceneLayout(tuple(objects), background, top, bottom, num_frames)
+    return SceneLayout(objects, background, top, bottom, num_frames)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -397,22 +383,15 @@ def layout(scene: ToyScene | str, num_frames: int, seed: int | np.random.Generat
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-# Every shape has the area of the circle of its radius: the square's half side and the (upward) triangle's inradius
-# per unit radius, and the radius of the circle around each shape.
-_SQUARE_HALF_SIDE = math.sqrt(math.pi) / 2
-_TRIANGLE_INRADIUS = math.sqrt(4 * math.pi / math.sqrt(3)) / (2 * math.sqrt(3))
-_CIRCUMRADIUS = {"circle": 1.0, "square": _SQUARE_HALF_SIDE * math.sqrt(2), "triangle": 2 * _TRIANGLE_INRADIUS}
-
-
 def _signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """Signed distance (pixels, < 0 inside) to a shape of the circle's area centred at the origin."""
     if shape == "circle":
         return torch.sqrt(dx.square() + dy.square()) - radius
     if shape == "square":
-        return torch.maximum(dx.abs(), dy.abs()) - radius * _SQUARE_HALF_SIDE
+        return torch.maximum(dx.abs(), dy.abs()) - radius * (math.sqrt(math.pi) / 2)
     # Equilateral triangle pointing up (y grows downwards), centroid at the origin: the max over its three edges'
     # half-plane distances (exact along the edges, which is all anti-aliasing needs).
-    inradius = radius * _TRIANGLE_INRADIUS
+    inradius = radius * math.sqrt(4 * math.pi / math.sqrt(3)) / (2 * math.sqrt(3))
     distances = [
         nx * dx + ny * dy - inradius
         for nx, ny in ((0.0, 1.0), (math.sin(2 * math.pi / 3), -0.5), (-math.sin(2 * math.pi / 3), -0.5))
