@@ -339,7 +339,7 @@ def shape_code(layouts: list, frames: torch.Tensor, height: int, width: int) -> 
     """The VAE's shape-code target ``[B, len(SHAPES), h, w]``: 2 x each shape's coverage of each latent pixel in frame
     ``frames[b]`` ``[B]`` of ``layouts[b]`` (rendered at ``height`` x ``width``)."""
     shapes = coverage(layouts, layouts[0].num_frames, height, width, per_shape=True)  # [B, F, S, H, W]
-    return _latent_code(shapes)[torch.arange(len(layouts)), :, frames]
+    return _latent_code(shapes[torch.arange(len(layouts)), frames].unsqueeze(1))[:, :, 0]  # the picked frames only
 
 
 def motion_code(layouts: list, height: int, width: int) -> torch.Tensor:
