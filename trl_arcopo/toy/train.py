@@ -14,7 +14,10 @@ Stages (each resumable; a finished stage is skipped when the command is run agai
    background around them) and the first chunk is drawn more often
    (``first_chunk_fraction``): both spend the budget where the caption's content is decided.
 4. ``ode``: the teacher generates videos chunk by chunk with a many-step Euler ODE sampler (guided), recording the
-   state at the 4 timesteps of the few-step sampler and the final clean latents.
+   state at the 4 timesteps of the few-step sampler and the final clean latents. For a caption that names two
+   objects, the first chunk's early steps are guided by region (``ode_regional_sigma``): the left half of the frame
+   is denoised as a frame of its own with the first-named object's one-object caption, the right half with the
+   second's, so that the two objects are placed apart, which the teacher alone rarely does.
 5. ``student``: initialised from the teacher, regressed on those ODE pairs at the sampler's 4 timesteps: its x̂0 must
    equal the ODE's clean chunk, from the ODE's initial noise at step 1 and, at steps 2-4, from that clean chunk
    re-noised with fresh noise (what the sampler feeds it; ``student_ode_states`` mixes in the recorded ODE states),
@@ -39,7 +42,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
@@ -120,7 +123,7 @@ class ToyTrainingConfig:
     # Dataset
     num_videos: int = field(default=3000, metadata={"help": "Rendered and encoded videos for the teacher."})
     # Teacher
-    teacher_steps: int = field(default=5700, metadata={"help": "Optimizer steps of the flow-matching teacher."})
+    teacher_steps: int = field(default=7500, metadata={"help": "Optimizer steps of the flow-matching teacher."})
     teacher_batch_size: int = field(default=32, metadata={"help": "Videos per teacher step."})
     teacher_learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate of the teacher."})
     caption_dropout: float = field(default=0.1, metadata={"help": "Fraction of empty captions (for guidance)."})
@@ -145,7 +148,7 @@ class ToyTrainingConfig:
         metadata={
             "help": "Fraction of the teacher's steps spent on the first chunk, where the objects' colour, shape and "
             "place are decided (the later chunks share the rest equally; it is also the cheapest chunk). The default "
-            "gives the first chunk ~4500 steps: below that its samples break objects into fragments."
+            "gives the first chunk ~5900 of the 7500 steps; with under ~4500 its samples break objects into fragments."
         },
     )
     timestep_shift: float = field(default=3.0, metadata={"help": "Shift of the teacher's training sigmas."})
@@ -154,6 +157,17 @@ class ToyTrainingConfig:
     ode_steps: int = field(default=20, metadata={"help": "Euler steps per chunk (a multiple of 4)."})
     ode_batch_size: int = field(default=128, metadata={"help": "Videos per ODE batch."})
     guidance_scale: float = field(default=2.5, metadata={"help": "Classifier-free guidance of the teacher's ODE."})
+    ode_regional_sigma: float = field(
+        default=0.5,
+        metadata={
+            "help": "Regional guidance of the ODE samples of two-object captions: while the noise level is above "
+            "this sigma, the first chunk's left half is denoised as a frame of its own with the first-named "
+            "object's one-object caption and its right half with the second's (each guided); the full caption "
+            "below it and in every later chunk. The teacher alone draws two separate objects for under a tenth of "
+            "two-object captions (docs/benchmarks.md); with it the student learns to draw the first-named object "
+            "on the left. Needs a width that is a multiple of 16. 1: off."
+        },
+    )
     # Student
     student_steps: int = field(default=800, metadata={"help": "Optimizer steps of the few-step student."})
     student_batch_size: int = field(default=16, metadata={"help": "Videos per student step (x 4 sampler steps)."})
@@ -234,6 +248,13 @@ class ToyTrainingConfig:
         if self.ode_steps % 4:
             raise ValueError(
                 f"`ode_steps` must be a multiple of 4 (the sampler's timesteps lie on its grid), got {self.ode_steps}."
+            )
+        if not 0 <= self.ode_regional_sigma <= 1:
+            raise ValueError(f"`ode_regional_sigma` must be in [0, 1] (1: off), got {self.ode_regional_sigma}.")
+        if self.ode_regional_sigma < 1 and self.width % (2 * multiple):
+            raise ValueError(
+                f"`ode_regional_sigma` < 1 denoises each half of the frame alone, so `width` must be a multiple of "
+                f"{2 * multiple}, got {self.width}; use such a width or `--ode_regional_sigma 1` (off)."
             )
 
 
@@ -570,6 +591,12 @@ def train_teacher(cfg: ToyTrainingConfig, out: Path) -> list[float]:
 
 
 @torch.no_grad()
+def _guided_x0(pipe, state, x: torch.Tensor, step: int, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guided x̂0 ``[B, C, f, h, w]`` of ``x`` for a state over ``[conditional; unconditional]`` rows."""
+    conditional, unconditional = pipe.predict_x0(state, torch.cat([x, x]), step).chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
 def ode_sample(
     pipe,
     prompt_embeds: torch.Tensor,
@@ -577,6 +604,8 @@ def ode_sample(
     noise: torch.Tensor,
     guidance_scale: float,
     record: list[int],
+    halves: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    regional_sigma: float = 1.0,
 ):
     """Generate latents chunk by chunk with a guided Euler ODE over the pipeline's step list (``σ`` to 0).
 
@@ -585,6 +614,9 @@ def ode_sample(
         prompt_embeds, negative_embeds: ``[B, L, D]`` conditional and empty-caption embeddings.
         noise: ``[B, C, F, h, w]`` initial noise of every chunk.
         record: grid indices whose inputs are returned (the few-step sampler's timesteps).
+        halves: optional regional guidance, ``(rows [R], left_embeds [R, L, D], right_embeds [R, L, D])``: while
+            ``σ > regional_sigma``, the first chunk of each of those rows is denoised as two frames of half the
+            width, the left one guided by ``left_embeds`` and the right one by ``right_embeds``.
 
     Returns:
         ``(latents [B, C, F, h, w], states [len(record), B, C, F, h, w])``.
@@ -592,6 +624,13 @@ def ode_sample(
     chunk = pipe.config.num_frame_per_block
     batch = noise.shape[0]
     state = pipe.init_state(torch.cat([prompt_embeds, negative_embeds]))
+    if halves is not None:
+        rows, left, right = halves
+        half = noise.shape[-1] // 2
+        regions = [
+            (pipe.init_state(torch.cat([e, negative_embeds[rows]])), cols)
+            for e, cols in ((left, slice(None, half)), (right, slice(half, None)))
+        ]
     sigmas = [*pipe.sigmas, 0.0]
     states = [[] for _ in record]
     for start in range(0, noise.shape[2], chunk):
@@ -599,14 +638,30 @@ def ode_sample(
         for k in range(len(pipe.sigmas)):
             if k in record:
                 states[record.index(k)].append(x)
-            conditional, unconditional = pipe.predict_x0(state, torch.cat([x, x]), k).chunk(2)
-            x0 = unconditional + guidance_scale * (conditional - unconditional)
+            x0 = _guided_x0(pipe, state, x, k, guidance_scale)
+            if halves is not None and start == 0 and sigmas[k] > regional_sigma:
+                x0[rows] = torch.cat(
+                    [_guided_x0(pipe, s, x[rows][..., cols], k, guidance_scale) for s, cols in regions], dim=-1
+                )
             x = x0 + (sigmas[k + 1] / sigmas[k]) * (x - x0)
         pipe.commit_chunk(state, torch.cat([x, x]), update_cache=start + chunk < noise.shape[2])
     latents = torch.cat(state.chunks, dim=2)[:batch]
     if not record:
         return latents, noise.new_empty(0, *noise.shape)
     return latents, torch.stack([torch.cat(s, dim=2) for s in states])
+
+
+def _object_halves(pipe, scenes: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``ode_sample``'s ``halves`` for the two-object ``scenes``: their rows and the embeddings of each object's own
+    one-object caption (the first-named object on the left), or None without such scenes."""
+    rows = [i for i, scene in enumerate(scenes) if len(scene.objects) == 2]
+    if not rows:
+        return None
+    left, right = (
+        pipe.encode_prompt([caption(replace(scenes[i], objects=(scenes[i].objects[j],))) for i in rows])
+        for j in (0, 1)
+    )
+    return torch.tensor(rows), left, right
 
 
 def generate_ode_pairs(cfg: ToyTrainingConfig, out: Path) -> None:
@@ -621,10 +676,17 @@ def generate_ode_pairs(cfg: ToyTrainingConfig, out: Path) -> None:
     generator = torch.Generator().manual_seed(cfg.seed)
     captions, latents, states = [], [], []
     for start in tqdm(range(0, cfg.ode_videos, cfg.ode_batch_size), desc="ode", dynamic_ncols=True):
-        texts, _, _ = _scenes_and_seeds(rng, min(cfg.ode_batch_size, cfg.ode_videos - start))
+        texts, scenes, _ = _scenes_and_seeds(rng, min(cfg.ode_batch_size, cfg.ode_videos - start))
         noise = torch.randn(len(texts), *latent_shape, generator=generator)
         x0, x_t = ode_sample(
-            pipe, pipe.encode_prompt(texts), pipe.encode_prompt([""] * len(texts)), noise, cfg.guidance_scale, record
+            pipe,
+            pipe.encode_prompt(texts),
+            pipe.encode_prompt([""] * len(texts)),
+            noise,
+            cfg.guidance_scale,
+            record,
+            halves=_object_halves(pipe, scenes) if cfg.ode_regional_sigma < 1 else None,
+            regional_sigma=cfg.ode_regional_sigma,
         )
         captions += texts
         latents.append(x0)
