@@ -164,8 +164,8 @@ class ToyTrainingConfig:
             "this sigma, the first chunk's left half is denoised as a frame of its own with the first-named "
             "object's one-object caption and its right half with the second's (each guided); the full caption "
             "below it and in every later chunk. The teacher alone draws two separate objects for under a tenth of "
-            "two-object captions (docs/benchmarks.md); with it the student learns to draw the first-named object "
-            "on the left. Needs a width that is a multiple of 16. 1: off."
+            "two-object captions; with it the colour adherence of its two-object ODE samples "
+            "goes from 38 to 69 % (docs/benchmarks.md). Needs a width that is a multiple of 16. 1: off."
         },
     )
     # Student
