@@ -165,7 +165,7 @@ class ToyTrainingConfig:
             "object's one-object caption and its right half with the second's (each guided); the full caption "
             "below it and in every later chunk. The teacher alone draws two separate objects for under a tenth of "
             "two-object captions; with it the colour adherence of its two-object ODE samples "
-            "goes from 38 to 69 % (docs/benchmarks.md). Needs a width that is a multiple of 16. 1: off."
+            "goes from 38 to 69 percent (docs/benchmarks.md). Needs a width that is a multiple of 16. 1: off."
         },
     )
     # Student
