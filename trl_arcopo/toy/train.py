@@ -590,13 +590,13 @@ def train_teacher(cfg: ToyTrainingConfig, out: Path) -> list[float]:
     return losses
 
 
-@torch.no_grad()
 def _guided_x0(pipe, state, x: torch.Tensor, step: int, guidance_scale: float) -> torch.Tensor:
     """Classifier-free guided x̂0 ``[B, C, f, h, w]`` of ``x`` for a state over ``[conditional; unconditional]`` rows."""
     conditional, unconditional = pipe.predict_x0(state, torch.cat([x, x]), step).chunk(2)
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
+@torch.no_grad()
 def ode_sample(
     pipe,
     prompt_embeds: torch.Tensor,
