@@ -640,8 +640,9 @@ def ode_sample(
                 states[record.index(k)].append(x)
             x0 = _guided_x0(pipe, state, x, k, guidance_scale)
             if halves is not None and start == 0 and sigmas[k] > regional_sigma:
+                named = x[rows]
                 x0[rows] = torch.cat(
-                    [_guided_x0(pipe, s, x[rows][..., cols], k, guidance_scale) for s, cols in regions], dim=-1
+                    [_guided_x0(pipe, s, named[..., cols], k, guidance_scale) for s, cols in regions], dim=-1
                 )
             x = x0 + (sigmas[k + 1] / sigmas[k]) * (x - x0)
         pipe.commit_chunk(state, torch.cat([x, x]), update_cache=start + chunk < noise.shape[2])
