@@ -22,7 +22,8 @@ The detector judges frames ``[B, F, 3, H, W]`` in ``[0, 1]`` as a person would, 
    longer than the vertical range (hops in place), else ``"moving"`` in the direction of the net displacement when it
    exceeds 6 % of the frame, else ``"still"``.
 
-:func:`adherence` compares a caption's :func:`~trl_arcopo.toy.world.parse` with a detection, attribute by attribute;
+:func:`adherence` compares a caption's :func:`~trl_arcopo.toy.world.parse` with a detection, attribute by attribute
+(every stated object must be found); :func:`largest_object_adherence` is the lenient reading of the largest object only;
 :func:`soft_foreground` is the differentiable coverage the toy rewards (:mod:`trl_arcopo.rewards.toy`) are built on.
 Accuracy on renders of the world is measured by ``tests/test_toy_world.py`` and ``benchmarks/bench_toy_world.py``.
 """
@@ -51,6 +52,7 @@ __all__ = [
     "detect",
     "detect_blobs",
     "estimate_background",
+    "largest_object_adherence",
     "name_colors",
     "perceptual_color",
     "soft_foreground",
@@ -667,6 +669,19 @@ def adherence_checks(prompt: str | ToyScene, detection: VideoDetection) -> list[
     if scene.background is not None:
         checks.append(("background", detection.background == scene.background))
     return checks
+
+
+def largest_object_adherence(prompt: str | ToyScene, detection: VideoDetection) -> dict[str, bool | None]:
+    """A lenient reading of :func:`adherence`: whether the largest detected object has each attribute as some object
+    of the caption states it (``{attribute: bool | None}``, None where no object states it; ``count`` and
+    ``background`` always None). A video of two named objects passes when one of them is drawn right and largest."""
+    scene = parse(prompt) if isinstance(prompt, str) else prompt
+    largest = detection.objects[0] if detection.objects else None
+    result: dict[str, bool | None] = dict.fromkeys(ATTRIBUTES)
+    for obj in scene.objects:
+        for name, ok in _object_checks(obj, largest).items():
+            result[name] = bool(result[name]) or ok
+    return result
 
 
 def adherence(prompt: str | ToyScene, video: torch.Tensor | VideoDetection) -> dict[str, bool | None]:
