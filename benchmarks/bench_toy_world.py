@@ -8,9 +8,9 @@ colour/shape pair of ``HELD_OUT_PAIRS``, reported apart), the pipeline generates
   its standard error (targets for the trained toy generator: colour and shape >= 80 %, direction >= 70 %); every
   object a prompt states must show it, so the in-distribution prompts that name one and two objects get rows of their
   own;
-- **largest object**: the lenient reading the issue that set those targets gives as its example, "the dominant blob's
-  colour and shape": whether the largest detected object has the colour (shape, direction) of some object the prompt
-  names (:func:`~trl_arcopo.toy.detect.largest_object_adherence`); one right object is enough in a two-object video;
+- **largest object**: a lenient reading, "the dominant blob's colour and shape": whether the largest detected object
+  has the colour (shape, direction) of some object the prompt names
+  (:func:`~trl_arcopo.toy.detect.largest_object_adherence`); one right object is enough in a two-object video;
 - **diversity**: for ``--diversity_prompts`` prompts, ``--diversity_noises`` videos from different noises: the mean
   pairwise pixel distance (RMS over pixels) between videos of one prompt, and the standard deviation over noises of the
   largest detected object's mean position and radius, averaged over prompts (what the prompt leaves to the noise);
